@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests mirror the package: tests/unit/<package>/..., tests/distributed, tests/e2e."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamatron.model.config import LlamaConfig, RopeScaling
+
+SHARED_DIR_CANDIDATES = ("../shared", "../../shared")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Two cores on CI; one intra-op thread per xdist worker keeps runs from fighting over them.
+    torch.set_num_threads(1)
+    yield
+
+
+def tiny_config(**changes) -> LlamaConfig:
+    """A random-init-friendly config with GQA and Llama 3.1 scaling (original context tiny so the
+    scaling's three frequency bands all occur at head_dim 16)."""
+    base = LlamaConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+        max_position_embeddings=512, rope_theta=10000.0,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=64),
+        bos_token_id=1, eos_token_id=2,
+    )
+    return base.replace(**changes)
