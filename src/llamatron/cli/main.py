@@ -14,6 +14,7 @@ import typer
 
 # Subcommand modules under llamatron.cli, in the order `--help` lists them.
 COMMAND_MODULES = [
+    "train",
     "generate",
 ]
 
@@ -45,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from llamatron.errors import LlamatronError
 
     _register_commands()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LLAMATRON_DEBUG") == "1"
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args or os.environ.get("LLAMATRON_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        # The raw arguments travel in ctx.obj for commands that re-launch themselves (train under torchrun).
+        result = app(args=args, standalone_mode=False, obj={"argv": args})
     except LlamatronError as err:
         if debug:
             raise
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

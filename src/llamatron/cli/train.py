@@ -1,0 +1,98 @@
+"""`llamatron train`: a recipe plus overrides; launches torchrun itself with --nproc-per-node."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+_LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    """The train arguments without the launcher's own (they must not reach the workers twice)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _launch_torchrun(
+    argv: list[str], *, nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
+) -> int:
+    from torch.distributed.run import get_args_parser, run
+
+    train_args = _strip_launch_flags(argv[argv.index("train") + 1 :])
+    launcher = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+                f"--master-addr={master_addr}", f"--master-port={master_port}"]
+    if nnodes == 1 and master_port == 0:
+        launcher = [f"--nproc-per-node={nproc}", "--standalone"]
+    args = get_args_parser().parse_args([*launcher, "-m", "llamatron.cli.main", "train", *train_args])
+    try:
+        run(args)
+    except Exception as err:  # torchrun's ChildFailedError: the workers printed their own errors
+        print(f"llamatron: error: training failed: {type(err).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_command(
+    ctx: typer.Context,
+    config: str | None = typer.Option(None, "--config", help="Recipe: a YAML path or a name in recipes/."),
+    output: str | None = typer.Option(None, "--output", help="Run directory; rerunning on it resumes."),
+    train_iters: int | None = typer.Option(None, "--train-iters", help="Optimizer steps."),
+    save_interval: int | None = typer.Option(None, "--save-interval", help="Checkpoint every N iterations."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor parallel degree."),
+    pp: int | None = typer.Option(None, "--pp", help="Pipeline parallel degree."),
+    cp: int | None = typer.Option(None, "--cp", help="Context parallel degree."),
+    nproc_per_node: int | None = typer.Option(None, "--nproc-per-node", help="Start torchrun with N workers."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes (with --nproc-per-node)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (multi-node)."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Rendezvous host (multi-node)."),
+    master_port: int = typer.Option(0, "--master-port", help="Rendezvous port (multi-node)."),
+) -> None:
+    """Continued pretraining or SFT. Any config field: --section.field=value (e.g. --optim.lr=3e-4)."""
+    from llamatron.config.load import load_config
+    from llamatron.errors import LlamatronError
+
+    overrides = list(ctx.args)
+    cfg = load_config(config, overrides)
+    flags = {
+        "output": output, "training.train_iters": train_iters, "checkpoint.save_interval": save_interval,
+        "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "output":
+            cfg.output = value
+            continue
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+        if key == "training.train_iters":
+            cfg.training.train_tokens = None
+    cfg.validate()
+    if nnodes > 1 and master_port == 0:
+        raise LlamatronError("multi-node training needs --master-addr and --master-port of node 0")
+    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_launch_torchrun(
+            ctx.obj["argv"], nproc=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+            master_port=master_port,
+        ))
+    from llamatron.train.trainer import train
+
+    train(cfg)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )(train_command)

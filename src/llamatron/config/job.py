@@ -1,0 +1,172 @@
+"""The training job's configuration: one typed dataclass per section, validated on construction.
+
+A recipe (YAML) fills these; `--section.field=value` overrides change single fields; the resolved
+config is written into the run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llamatron.errors import LlamatronError
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    name: str | None = None
+    """A preset (llama3.1-8b, llama3.1-70b, llama3.2-1b, llama3.2-3b, tiny, or the seed's 8B/70B) or a HF directory.
+    None: the architecture of init_from's weights, or `tiny` without init_from."""
+    init_from: str | None = None
+    """Initial weights: a HF directory, a Megatron-Core checkpoint (any TP x PP) or a llamatron run or checkpoint.
+    None starts from a deterministic random init."""
+    finetune: bool = False
+    """With init_from a llamatron checkpoint: load only the weights and start counters, optimizer and data at zero."""
+    tokenizer: str = "llama3"
+    """llama3, or a HF tokenizer directory."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    kind: Literal["pretrain", "sft"] = "pretrain"
+    """Continued pretraining on indexed data, or supervised fine-tuning."""
+    data_path: list[str] = field(default_factory=list)
+    """Pretraining: Megatron-style `[prefix]` or `[w1, prefix1, w2, prefix2, ...]`. SFT: a JSON/JSONL file (raw) or an
+    idxmap prefix."""
+    split: str = "99,1,0"
+    """Train/valid/test split of data_path by documents (Megatron's split string)."""
+    valid_data_path: list[str] = field(default_factory=list)
+    """A separate validation set; when empty the split's valid part is used."""
+    sft_format: Literal["raw", "idxmap"] = "raw"
+    """SFT data: raw JSON/JSONL records, or a preprocessed SFT idxmap (the seed's MP_DATASET_TYPE)."""
+    packing: bool = False
+    """SFT: pack several samples into one sequence, attention isolated between them (MP_SFT_PACKING)."""
+    pad_len: int | None = None
+    """SFT raw mode: pad/truncate each sample to this many tokens (the seed's PAD_LEN); None means seq_len."""
+    sft_loss: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    """The seed's SFT loss averages each sequence's mean token loss; token_mean averages all tokens."""
+
+
+@dataclass(kw_only=True)
+class TrainingSection:
+    micro_batch_size: int = 1
+    """Samples per data-parallel rank per forward/backward (the seed's BATCH_SIZE)."""
+    global_batch_size: int = 8
+    """Samples per optimizer step across all ranks; the rest is gradient accumulation."""
+    seq_len: int = 128
+    train_iters: int | None = None
+    """Optimizer steps. Give this or train_tokens (pretraining: iters = tokens // (global_batch * seq_len))."""
+    train_tokens: int | None = None
+    warmup_iters: int | None = None
+    warmup_tokens: int | None = None
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"
+    """bf16/fp16 compute with fp32 master weights and fp32 gradient reduction; fp32 for tests."""
+    seed: int = 1234
+    eval_interval: int = 0
+    """Validate every this many iterations (0: never)."""
+    eval_iters: int = 10
+    """Validation micro-batches per rank per evaluation."""
+    max_skipped_steps: int = 10
+    """Abort after this many steps skipped for a non-finite loss or gradient norm."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.1
+    """Applied to matrices and embeddings only; never to norms or biases."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_iters: int | None = None
+    """Megatron's lr-decay-iters; None means train_iters (pretraining) or train - warmup (SFT, as the seed)."""
+
+
+@dataclass(kw_only=True)
+class ParallelSection:
+    tp: int = 1
+    """Tensor parallel degree."""
+    pp: int = 1
+    """Pipeline parallel degree."""
+    cp: int = 1
+    """Context parallel degree."""
+    virtual_pipeline: int = 1
+    """Virtual pipeline stages per rank (interleaved 1F1B; the seed's MP_VP)."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    """Shard optimizer state and gradients across data-parallel ranks (FSDP2); False replicates them."""
+    flash_attention: bool = True
+    """Prefer the flash SDPA backend on GPUs."""
+    activation_checkpoint: Literal["none", "sel", "full", "offload"] = "none"
+    ac_layers: int = 1
+    """Blocks per stage checkpointed or offloaded with full/offload (the seed's MP_AC_LAYERS)."""
+    optimizer_offload: Literal["none", "static", "auto"] = "none"
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    save_interval: int = 1000
+    """Save every this many iterations (and at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints (0: keep all)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread after a local copy."""
+
+
+@dataclass(kw_only=True)
+class LoggingSection:
+    log_interval: int = 1
+    run_name: str | None = None
+    """Name of the TensorBoard run ({output}/tensorboard/{run_name}_{time}); the seed's launcher sets its NAME."""
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    output: str = "runs/default"
+    """The run directory: checkpoints, metrics.jsonl, config.yaml, tensorboard/."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def problems(self) -> list[str]:
+        """Every inconsistency that does not need the world size or the model (those are checked at launch)."""
+        t, o, d = self.training, self.optim, self.data
+        found = []
+        if t.micro_batch_size < 1:
+            found.append(f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+        if t.global_batch_size % max(t.micro_batch_size, 1):
+            found.append(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size ({t.micro_batch_size})"
+            )
+        if t.seq_len < 2:
+            found.append(f"training.seq_len must be >= 2, got {t.seq_len}")
+        if (t.train_iters is None) == (t.train_tokens is None):
+            found.append("give exactly one of training.train_iters and training.train_tokens")
+        if t.warmup_iters is not None and t.warmup_tokens is not None:
+            found.append("give at most one of training.warmup_iters and training.warmup_tokens")
+        if o.min_lr > o.lr:
+            found.append(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
+        if not d.data_path:
+            found.append("data.data_path is empty; pass --data.data_path=PATH (or set it in the recipe)")
+        if self.checkpoint.save_interval < 1:
+            found.append(f"checkpoint.save_interval must be >= 1, got {self.checkpoint.save_interval}")
+        return found
+
+    def validate(self) -> None:
+        found = self.problems()
+        if found:
+            raise LlamatronError(
+                f"infeasible configuration, {len(found)} problem(s): " + "; ".join(found)
+            )

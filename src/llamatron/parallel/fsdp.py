@@ -1,0 +1,45 @@
+"""Data parallelism with FSDP2: each block is a unit, then the root (embedding, norm, output layer)."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from llamatron.model.llama import Llama
+
+
+def apply_fsdp(
+    model: Llama,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    shard: bool = True,
+) -> None:
+    """Shard (or, with shard=False, replicate) parameters, gradients and optimizer state over `mesh`.
+
+    `mesh` is the 1-D data-parallel mesh. shard=True is ZeRO-3-like (the seed's distributed optimizer,
+    with parameters sharded too); shard=False keeps full copies on every rank, as DDP, by running
+    FSDP2 on a 2-D (replicate, shard=1) mesh so both modes share one code path. Master weights stay in
+    the parameters' dtype (fp32); compute runs in param_dtype; gradients are reduced in reduce_dtype.
+    Gradients are summed, not averaged: the trainer normalises the loss by the global token or
+    sequence count, which is exact when ranks hold different numbers of tokens."""
+    if not shard:
+        mesh = _replicate_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = list(model.layers.values())
+    for index, block in enumerate(blocks):
+        # The last block's parameters are needed again first in backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    model.set_gradient_divide_factor(1.0)
+
+
+def _replicate_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if mesh.size() == 1:
+        return mesh
+    # Megatron's DO=false: every rank keeps whole parameters and optimizer state.
+    return init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("dp_replicate", "dp_shard"))

@@ -1,0 +1,126 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout under the run directory:
+    checkpoints/step-0000010/     DCP shards (.metadata, __R_0.distcp): model, optimizer, rng
+    checkpoints/step-0000010/train_state.json   counters and the data position (JSON, never pickled)
+    checkpoints/latest            the name of the newest complete checkpoint
+
+A checkpoint is written to `step-N.tmp`, renamed once every rank finished, and only then named in
+`latest`; a crash at any point leaves the previous checkpoint and marker intact. DCP reshards on
+load, so a checkpoint resumes at any data-parallel size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from llamatron.checkpoint.atomic import atomic_write_bytes
+from llamatron.errors import LlamatronError
+
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+
+
+def step_dir(root: Path, iteration: int) -> Path:
+    return root / f"step-{iteration:07d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint named by `latest`, or None when there is none yet."""
+    marker = root / "latest"
+    if not marker.is_file():
+        return None
+    name = marker.read_text().strip()
+    path = root / name
+    if not _STEP_DIR.match(name) or not (path / ".metadata").is_file():
+        raise LlamatronError(f"{marker} names {name!r}, which is not a complete checkpoint; remove the marker or fix it")
+    return path
+
+
+def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    state["rng"] = {"cpu": torch.get_rng_state()}
+    return state
+
+
+def save_checkpoint(
+    root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep_last: int
+) -> Path:
+    """Save collectively (every rank calls this); returns the final directory."""
+    final = step_dir(root, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp))
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        atomic_write_bytes(root / "latest", final.name.encode())
+        _prune(root, keep_last=keep_last, keep=final)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, *, keep_last: int, keep: Path) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    for old in steps[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> TrainState:
+    """Load model (and optimizer, when given) in place; returns the counters saved with them."""
+    state = _app_state(model, optimizer)
+    if optimizer is None:
+        state.pop("optimizer")
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    return read_train_state(path)
+
+
+def load_model_weights(path: Path, *, model: torch.nn.Module) -> None:
+    """Only the weights (for --model.finetune or export), resharded to this model's layout."""
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(strict=False))}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
+def read_train_state(path: Path) -> TrainState:
+    raw = json.loads((path / "train_state.json").read_text())
+    return TrainState(**raw)

@@ -1,0 +1,73 @@
+"""Process-group set-up from torchrun's (or Slurm's) environment, or a one-process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llamatron.errors import LlamatronError
+
+
+@dataclass(kw_only=True, frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """Map Slurm's variables onto torch's when launched by srun without torchrun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs."""
+    _env_from_slurm()
+    if "RANK" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
+        )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise LlamatronError(f"training.device must be auto, cpu or cuda, got {device_name!r}")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise LlamatronError("training.device=cuda but no GPU is visible; use --training.device=cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (float64 keeps token counts exact)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -1,0 +1,251 @@
+"""The training loop: fetch batch -> forward -> loss -> backward -> clip -> step -> log.
+
+Every rank runs `train(config)`. The model is built plain, initial weights loaded, parallelism
+applied by llamatron.parallel, then the loop runs until train_iters, saving every save_interval and
+on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llamatron.config.job import JobConfig
+from llamatron.errors import LlamatronError
+from llamatron.model import Llama
+from llamatron.parallel.fsdp import apply_fsdp
+from llamatron.parallel.mesh import ParallelDims, build_mesh
+from llamatron.train import checkpointing as ckpt
+from llamatron.train.batching import BatchPlan, collate
+from llamatron.train.data import TrainData, build_train_data
+from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from llamatron.train.objective import loss_terms
+from llamatron.train.metrics import MetricsWriter, Throughput, device_peak_tflops, flops_per_token, peak_memory_gib
+from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
+from llamatron.train.precision import LossScaler, compute_dtype
+from llamatron.train.run_dir import RunDir, resolve_schedule
+from llamatron.train.setup import build_model_for_training
+
+
+@dataclass(kw_only=True)
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, env: DistEnv) -> None:
+        self.config, self.env = config, env
+        t, p = config.training, config.parallel
+        dims = ParallelDims(world_size=env.world_size, tp=p.tp, pp=p.pp, cp=p.cp)
+        self.mesh = build_mesh(dims, device_type=env.device.type)
+        self.dp_mesh = self.mesh["dp"]
+        self.run = RunDir(Path(config.output), rank=env.rank)
+        self.data: TrainData = build_train_data(config, dp_size=dims.dp)
+        self.schedule_info = resolve_schedule(config, data=self.data)
+        self.plan = BatchPlan(
+            global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dp_mesh.get_local_rank(), dp_size=dims.dp,
+        )
+        self.model, self.model_config = build_model_for_training(config, device=env.device)
+        apply_fsdp(
+            self.model, self.dp_mesh, param_dtype=compute_dtype(t.precision),
+            shard=config.parallel.distributed_optimizer,
+        )
+        self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
+        self.schedule = LRSchedule(
+            max_lr=config.optim.lr, min_lr=config.optim.min_lr, warmup_iters=self.schedule_info.warmup_iters,
+            decay_iters=self.schedule_info.decay_iters, style=config.optim.decay_style,
+        )
+        self.scaler = LossScaler(enabled=t.precision == "fp16")
+        self.state = ckpt.TrainState()
+        self._stop_requested = False
+
+    # ---- resume -------------------------------------------------------------------------------
+    def resume_or_init(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run.checkpoints)
+        if latest is not None:
+            self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+            self.run.truncate_metrics(after_iteration=self.state.iteration)
+            self.run.log(f"resumed from {latest} at iteration {self.state.iteration}")
+        elif self.config.model.init_from and self.run.is_llamatron_checkpoint(self.config.model.init_from):
+            source = self.run.resolve_llamatron_checkpoint(self.config.model.init_from)
+            if self.config.model.finetune:
+                ckpt.load_model_weights(source, model=self.model)
+                self.run.log(f"initial weights from {source} (finetune: counters start at zero)")
+            else:
+                self.state = ckpt.load_checkpoint(source, model=self.model, optimizer=self.optimizer)
+                self.run.log(f"continuing {source} at iteration {self.state.iteration}")
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        micro_batches = [
+            collate([self.data.train[i] for i in indices])
+            for indices in self.plan.rank_indices(self.state.consumed_samples)
+        ]
+        kind = self.config.data.sft_loss if self.config.data.kind == "sft" else "token_mean"
+        # The loss is normalised by the global batch's count (tokens or sequences), gathered before
+        # backward, so gradients are exact whatever the ranks' shares and the accumulation.
+        local_count = sum(loss_terms(None, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))[1]
+                          for mb in micro_batches)
+        (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device)
+        loss_sum = 0.0
+        tokens = 0
+        for mb in micro_batches:
+            mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+            numerator, _ = loss_terms(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            loss = numerator / max(global_count, 1.0)
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float().item()
+            tokens += mb["tokens"].numel()
+        self.scaler.unscale_(self.model.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        (loss_total,) = all_reduce_sum([loss_sum], device=self.env.device)
+        skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
+        set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update(found_inf=skipped)
+        return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+
+    # ---- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.data.valid is None:
+            return {}
+        self.model.eval()
+        kind = self.config.data.sft_loss if self.config.data.kind == "sft" else "token_mean"
+        numerator = count = 0.0
+        per_round = self.plan.micro_batch_size * self.plan.dp_size
+        available = len(self.data.valid) // per_round
+        for round_index in range(min(self.config.training.eval_iters, available)):
+            start = round_index * per_round + self.plan.dp_rank * self.plan.micro_batch_size
+            mb = collate([self.data.valid[i] for i in range(start, start + self.plan.micro_batch_size)])
+            mb = {k: v.to(self.env.device) for k, v in mb.items()}
+            logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+            num, cnt = loss_terms(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            numerator += float(num)
+            count += float(cnt)
+        self.model.train()
+        numerator, count = all_reduce_sum([numerator, count], device=self.env.device)
+        if count == 0:
+            return {}
+        valid_loss = numerator / count
+        return {"valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> None:
+        config, info = self.config, self.schedule_info
+        self.run.prepare(config)
+        self.resume_or_init()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        writer = MetricsWriter(self.run.root, tensorboard_dir=self.run.tensorboard_dir(config)) if self.env.rank == 0 else None
+        throughput = Throughput(
+            world_size=self.env.world_size,
+            flops_per_token=flops_per_token(self.model_config, seq_len=config.training.seq_len),
+            peak_tflops=device_peak_tflops(self.env.device),
+        )
+        self.run.log(
+            f"training {info.train_iters} iterations (warmup {info.warmup_iters}, decay {info.decay_iters}), "
+            f"global batch {self.plan.global_batch_size}, micro batch {self.plan.micro_batch_size}, "
+            f"dp {self.plan.dp_size}, grad accumulation {self.plan.grad_accum_steps}"
+        )
+        self.model.train()
+        started, start_iteration = time.perf_counter(), self.state.iteration
+        while self.state.iteration < info.train_iters:
+            result = self.train_step()
+            self._advance(result)
+            throughput.add_tokens(result.tokens * self.plan.dp_size)
+            it = self.state.iteration
+            if it % config.logging.log_interval == 0 or it == info.train_iters:
+                record = self._log_record(result, throughput, started=started, start_iteration=start_iteration)
+                if config.training.eval_interval and it % config.training.eval_interval == 0:
+                    record.update(self.evaluate())
+                self.run.log_step(record, total=info.train_iters)
+                if writer is not None:
+                    writer.write(record)
+            stop = self._agree_to_stop()
+            if it % config.checkpoint.save_interval == 0 or it == info.train_iters or stop:
+                self.save()
+            if stop:
+                self.run.log(f"stopping at iteration {it} on SIGTERM; resume by running the same command")
+                break
+        if writer is not None:
+            writer.close()
+
+    def _advance(self, result: StepResult) -> None:
+        self.state.iteration += 1
+        self.state.consumed_samples += self.plan.global_batch_size
+        self.state.consumed_tokens += result.tokens * self.plan.dp_size
+        if result.skipped:
+            self.state.skipped_steps += 1
+            self.run.log(f"iteration {self.state.iteration}: non-finite loss or gradient, step skipped")
+            if not self.scaler.enabled and self.state.skipped_steps > self.config.training.max_skipped_steps:
+                raise LlamatronError(
+                    f"{self.state.skipped_steps} steps skipped for non-finite values (limit "
+                    f"training.max_skipped_steps={self.config.training.max_skipped_steps}); lower optim.lr or check the data"
+                )
+
+    def _log_record(self, result: StepResult, throughput: Throughput, *, started: float, start_iteration: int) -> dict:
+        it = self.state.iteration
+        rates = throughput.report()
+        done = it - start_iteration
+        elapsed = time.perf_counter() - started
+        eta = elapsed / max(done, 1) * (self.schedule_info.train_iters - it)
+        return {
+            "iteration": it, "loss": result.loss, "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": result.grad_norm, "consumed_samples": self.state.consumed_samples,
+            "consumed_tokens": self.state.consumed_tokens, **rates,
+            "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_steps": self.state.skipped_steps,
+            "loss_scale": self.scaler.scale_value if self.scaler.enabled else None, "eta_s": eta,
+        }
+
+    def save(self) -> None:
+        path = ckpt.save_checkpoint(
+            self.run.checkpoints, model=self.model, optimizer=self.optimizer, state=self.state,
+            keep_last=self.config.checkpoint.keep_last,
+        )
+        self.run.log(f"saved {path}")
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self._stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        """All ranks stop at the same step if any got SIGTERM (each may see it at a different time)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(config: JobConfig) -> None:
+    """Entry point on every rank."""
+    config.validate()
+    env = init_distributed(config.training.device)
+    try:
+        torch.manual_seed(config.training.seed)
+        trainer = Trainer(config, env)
+        trainer.fit()
+        if env.rank == 0:
+            summary = {"iteration": trainer.state.iteration, "output": str(trainer.run.root)}
+            trainer.run.log("done: " + json.dumps(summary))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def unwrap(model: Llama) -> Llama:
+    return model
