@@ -16,6 +16,7 @@ import typer
 COMMAND_MODULES = [
     "train",
     "generate",
+    "quickstart",
 ]
 
 app = typer.Typer(
