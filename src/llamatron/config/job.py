@@ -124,6 +124,8 @@ class LoggingSection:
     run_name: str | None = None
     """Name of the TensorBoard run ({output}/tensorboard/{run_name}_{time}); the seed's launcher sets its NAME."""
     tensorboard: bool = True
+    tensorboard_dir: str | None = None
+    """Where TensorBoard runs go; None means {output}/tensorboard."""
     wandb_project: str | None = None
 
 

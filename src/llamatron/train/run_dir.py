@@ -69,7 +69,8 @@ class RunDir:
             return None
         # The seed's layout: {OUT}/tensorboard/{NAME}_{time}.
         name = config.logging.run_name or "llamatron"
-        return self.root / "tensorboard" / f"{name}_{time.strftime('%Y.%m.%d-%H.%M.%S')}"
+        parent = Path(config.logging.tensorboard_dir) if config.logging.tensorboard_dir else self.root / "tensorboard"
+        return parent / f"{name}_{time.strftime('%Y.%m.%d-%H.%M.%S')}"
 
     def log(self, message: str) -> None:
         if self.rank == 0:
