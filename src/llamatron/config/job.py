@@ -66,6 +66,9 @@ class TrainingSection:
     """Validate every this many iterations (0: never)."""
     eval_iters: int = 10
     """Validation micro-batches per rank per evaluation."""
+    exit_interval: int | None = None
+    """Stop (after saving) once the iteration count reaches a multiple of this; the schedule still runs to
+    train_iters, so rerunning the command continues exactly (Megatron's --exit-interval)."""
     max_skipped_steps: int = 10
     """Abort after this many steps skipped for a non-finite loss or gradient norm."""
     device: str = "auto"

@@ -25,9 +25,9 @@ def _coerce(value: Any, annotation: Any, *, where: str) -> Any:
     origin = get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in options:
+            return None
         errors = []
         for option in options:
             if option is type(None):

@@ -26,8 +26,14 @@ from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
 from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from llamatron.train.metrics import (
+    MetricsWriter,
+    Throughput,
+    device_peak_tflops,
+    flops_per_token,
+    peak_memory_gib,
+)
 from llamatron.train.objective import loss_terms
-from llamatron.train.metrics import MetricsWriter, Throughput, device_peak_tflops, flops_per_token, peak_memory_gib
 from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
 from llamatron.train.precision import LossScaler, compute_dtype
 from llamatron.train.run_dir import RunDir, resolve_schedule
@@ -179,10 +185,12 @@ class Trainer:
                 if writer is not None:
                     writer.write(record)
             stop = self._agree_to_stop()
-            if it % config.checkpoint.save_interval == 0 or it == info.train_iters or stop:
+            exit_now = bool(config.training.exit_interval) and it % config.training.exit_interval == 0
+            if it % config.checkpoint.save_interval == 0 or it == info.train_iters or stop or exit_now:
                 self.save()
-            if stop:
-                self.run.log(f"stopping at iteration {it} on SIGTERM; resume by running the same command")
+            if stop or exit_now:
+                reason = "SIGTERM" if stop else f"training.exit_interval={config.training.exit_interval}"
+                self.run.log(f"stopping at iteration {it} ({reason}); run the same command to continue")
                 break
         if writer is not None:
             writer.close()
