@@ -10,6 +10,23 @@ from llamatron.model.config import LlamaConfig, RopeScaling
 SHARED_DIR_CANDIDATES = ("../shared", "../../shared")
 
 
+def find_shared_dir():
+    """The `shared/` directory beside the repository (test vectors live in shared/testdata)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in SHARED_DIR_CANDIDATES:
+        path = (repo / candidate).resolve()
+        if (path / "testdata").is_dir():
+            return path
+    pytest.fail(f"shared/testdata not found beside the repository {repo}; CI must check out shared/ next to it")
+
+
+@pytest.fixture
+def shared_dir():
+    return find_shared_dir()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Two cores on CI; one intra-op thread per xdist worker keeps runs from fighting over them.
