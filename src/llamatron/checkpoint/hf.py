@@ -383,7 +383,9 @@ def generation_config(config: LlamaConfig) -> dict[str, Any]:
     if config.vocab_size == LLAMA3_VOCAB_SIZE and config.bos_token_id == LLAMA3_BOS_ID:
         given = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
         eos = [*LLAMA3_STOP_IDS, *(i for i in given if i not in LLAMA3_STOP_IDS)]
-    out: dict[str, Any] = {"_from_model_config": True}
+    # No "_from_model_config": with it, transformers may rebuild the stop tokens from config.json's
+    # single eos and drop <|eot_id|>.
+    out: dict[str, Any] = {}
     if config.bos_token_id is not None:
         out["bos_token_id"] = config.bos_token_id
     if eos is not None:

@@ -146,12 +146,14 @@ def test_llama3_tokenizer_export(tmp_path):
 
 
 def test_generation_config_lists_llama3_stop_tokens(tmp_path):
-    gen = generation_config(preset("llama3.1-8b"))
-    assert gen["bos_token_id"] == 128000 and gen["eos_token_id"] == [128001, 128008, 128009]
-    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
-    read = transformers.GenerationConfig.from_pretrained(tmp_path)
-    assert read.eos_token_id == [128001, 128008, 128009]
-    assert generation_config(tiny_config())["eos_token_id"] == 2  # other vocabularies keep config's eos
+    assert generation_config(preset("llama3.1-8b"))["eos_token_id"] == [128001, 128008, 128009]
+    config = tiny_config(vocab_size=128256, hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1,
+                         bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True)
+    out = save_hf_model(build_model(config, seed=1), tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.generation_config.bos_token_id == 128000
+    assert hf.generation_config.eos_token_id == [128001, 128008, 128009]
+    assert generation_config(tiny_config())["eos_token_id"] == 2  # other vocabularies keep config.json's eos
 
 
 @pytest.mark.parametrize("shard_size", [None, "40KB"], ids=["single", "sharded"])
