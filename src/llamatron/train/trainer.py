@@ -26,6 +26,7 @@ from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
 from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from llamatron.train.loss import count_units, loss_parts
 from llamatron.train.metrics import (
     MetricsWriter,
     Throughput,
@@ -33,7 +34,6 @@ from llamatron.train.metrics import (
     flops_per_token,
     peak_memory_gib,
 )
-from llamatron.train.objective import loss_terms
 from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
 from llamatron.train.precision import LossScaler, compute_dtype
 from llamatron.train.run_dir import RunDir, resolve_schedule
@@ -98,10 +98,10 @@ class Trainer:
             collate([self.data.train[i] for i in indices])
             for indices in self.plan.rank_indices(self.state.consumed_samples)
         ]
-        kind = self.config.data.sft_loss if self.config.data.kind == "sft" else "token_mean"
+        kind = self._loss_kind()
         # The loss is normalised by the global batch's count (tokens or sequences), gathered before
         # backward, so gradients are exact whatever the ranks' shares and the accumulation.
-        local_count = sum(loss_terms(None, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))[1]
+        local_count = sum(count_units(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
                           for mb in micro_batches)
         (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device)
         loss_sum = 0.0
@@ -109,7 +109,7 @@ class Trainer:
         for mb in micro_batches:
             mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
             logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
-            numerator, _ = loss_terms(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            numerator, _ = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
             loss = numerator / max(global_count, 1.0)
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float().item()
@@ -128,13 +128,18 @@ class Trainer:
         self.scaler.update(found_inf=skipped)
         return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
 
+    def _loss_kind(self) -> str:
+        if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":
+            return "sequence"
+        return "token"
+
     # ---- validation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.data.valid is None:
             return {}
         self.model.eval()
-        kind = self.config.data.sft_loss if self.config.data.kind == "sft" else "token_mean"
+        kind = self._loss_kind()
         numerator = count = 0.0
         per_round = self.plan.micro_batch_size * self.plan.dp_size
         available = len(self.data.valid) // per_round
@@ -143,7 +148,7 @@ class Trainer:
             mb = collate([self.data.valid[i] for i in range(start, start + self.plan.micro_batch_size)])
             mb = {k: v.to(self.env.device) for k, v in mb.items()}
             logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
-            num, cnt = loss_terms(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            num, cnt = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
             numerator += float(num)
             count += float(cnt)
         self.model.train()

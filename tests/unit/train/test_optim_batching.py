@@ -2,11 +2,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from llamatron.model import build_model
 from llamatron.train.batching import BatchPlan
-from llamatron.train.objective import loss_terms
 from llamatron.train.optim import LRSchedule, param_groups
 from tests.conftest import tiny_config
 
@@ -34,20 +31,3 @@ def test_batch_plan_covers_the_global_batch_once_in_megatron_order():
         plan = BatchPlan(global_batch_size=8, micro_batch_size=2, dp_rank=rank, dp_size=2)
         seen.append(plan.rank_indices(16))
     assert seen[0] == [[16, 17], [20, 21]] and seen[1] == [[18, 19], [22, 23]]
-
-
-def test_sequence_mean_loss_is_mean_of_per_sequence_means():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 6, 11)
-    labels = torch.randint(0, 11, (2, 6))
-    labels[0, :4] = -100  # sequence 0 has 2 labelled tokens, sequence 1 has 6
-    num, count = loss_terms(logits, labels, kind="sequence_mean")
-    per_seq = [
-        torch.nn.functional.cross_entropy(logits[i], labels[i], ignore_index=-100) for i in range(2)
-    ]
-    assert count == 2
-    assert torch.allclose(num, per_seq[0] + per_seq[1], rtol=1e-6)
-    # Packed: documents inside a row are separate sequences.
-    doc = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    _, packed_count = loss_terms(None, torch.randint(0, 11, (2, 6)), kind="sequence_mean", document_ids=doc)
-    assert packed_count == 3
