@@ -14,6 +14,8 @@ import typer
 
 # Subcommand modules under llamatron.cli, in the order `--help` lists them.
 COMMAND_MODULES = [
+    "convert", "check",
+    "preprocess_sft",
     "train",
     "generate",
     "quickstart",
