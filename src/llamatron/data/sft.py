@@ -352,3 +352,50 @@ def summary_line(stats: dict[str, Any]) -> str:
         f"({stats.get('dropped_no_target', 0)} of them dropped with nothing left to train); "
         f"{stats.get('samples', 0)} samples, {stats.get('tokens', 0)} tokens"
     )
+
+
+# ---- display (llamatron data show) --------------------------------------------------------------
+def render_row(row: PackedRow, tokenizer: Any, *, index: int = 0) -> Any:
+    """A row as rich Text: each sample decoded, masked spans (no loss) dim and wrapped in ⟦ ⟧, trained
+    spans green, the padding tail summarised. Token j is trained when labels[j - 1] is not -100."""
+    from rich.text import Text
+
+    trained = np.zeros(len(row.tokens), dtype=bool)
+    trained[1:] = row.labels[:-1] != IGNORE_INDEX
+    used = int(sum(row.sample_lengths))
+    text = Text(
+        f"row {index}: {len(row.sample_lengths)} sample(s) of {list(row.sample_lengths)} tokens, "
+        f"{int(trained.sum())} trained, {len(row.tokens) - used} padding\n",
+        style="bold",
+    )
+    start = 0
+    for k, length in enumerate(row.sample_lengths):
+        text.append(f"[sample {k}] ", style="cyan")
+        span = slice(start, start + length)
+        ids, flags = row.tokens[span], trained[span]
+        cuts = [0, *(np.flatnonzero(np.diff(flags.astype(np.int8))) + 1).tolist(), length]
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            piece = tokenizer.decode(ids[lo:hi].tolist())
+            if flags[lo]:
+                text.append(piece, style="green")
+            else:
+                text.append(f"⟦{piece}⟧", style="dim")
+        text.append("\n")
+        start += length
+    if used < len(row.tokens):
+        text.append(f"[padding] ⟦id {int(row.tokens[used])} × {len(row.tokens) - used}⟧\n", style="dim")
+    return text
+
+
+def show_rows(path: str | Path, *, tokenizer: Any, count: int = 3, start: int = 0, seq_len: int = 2048,
+              packing: bool = False) -> list[Any]:
+    """Rendered rows start..start+count-1 of an SFT idxmap prefix or (with the given seq_len and
+    packing) a raw JSON/JSONL file, for `llamatron data show`."""
+    if Path(path).suffix in (".json", ".jsonl"):
+        rows: Any = raw_rows(path, tokenizer=tokenizer, options=SFTOptions(seq_len=seq_len, packing=packing))
+    else:
+        from llamatron.data.sft_idxmap import SFTIdxmap
+
+        rows = SFTIdxmap(path)
+    stop = min(start + count, len(rows))
+    return [render_row(rows[i], tokenizer, index=i) for i in range(start, stop)]

@@ -141,3 +141,13 @@ def test_dataset_shuffle_is_deterministic_and_epoch_wise(tmp_path, tok):
     assert (item["tokens"][item["document_ids"] == 1] == tok.pad_id).all()  # the padding tail
     with pytest.raises(Exception, match="no rows"):
         SFTDataset([])
+
+
+def test_render_row_marks_masked_spans(tmp_path, tok):
+    path = write_jsonl(tmp_path / "r.jsonl", RECORDS[:2])
+    (text,) = sft.show_rows(path, tokenizer=tok, count=1, seq_len=64, packing=True)
+    plain = text.plain
+    assert "2 sample(s)" in plain
+    assert "⟦<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>⟧" in plain
+    assert "⟧<|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|>\n" in plain
+    assert f"[padding] ⟦id {tok.pad_id} ×" in plain
