@@ -10,6 +10,9 @@ A packed row of length S holds samples of lengths l_0, l_1, ... (sum <= S) and t
 restart at 0 for every sample; document ids are 0, 1, ... per sample, and the padding tail is one more
 document (id = number of samples) with its own positions from 0, so attention never crosses a sample
 boundary and no query row of the attention mask is empty (an empty row would give NaN in SDPA).
+The model turns document_ids into a dense boolean block mask for SDPA (CPU and GPU); a faster GPU
+path (flex-attention block masks or varlen flash attention from the same document_ids / cu_seqlens)
+is left to the speed work.
 """
 
 from __future__ import annotations
