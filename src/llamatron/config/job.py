@@ -117,8 +117,8 @@ class CheckpointSection:
     """Save every this many iterations (and at the end)."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (0: keep all)."""
-    async_save: bool = False
-    """Write checkpoints in a background thread after a local copy."""
+    save_at_end: bool = True
+    """Also save after the last iteration (benchmarks turn this off)."""
 
 
 @dataclass(kw_only=True)

@@ -191,7 +191,8 @@ class Trainer:
                     writer.write(record)
             stop = self._agree_to_stop()
             exit_now = bool(config.training.exit_interval) and it % config.training.exit_interval == 0
-            if it % config.checkpoint.save_interval == 0 or it == info.train_iters or stop or exit_now:
+            at_end = it == info.train_iters and config.checkpoint.save_at_end
+            if it % config.checkpoint.save_interval == 0 or at_end or stop or exit_now:
                 self.save()
             if stop or exit_now:
                 reason = "SIGTERM" if stop else f"training.exit_interval={config.training.exit_interval}"
