@@ -15,7 +15,7 @@ import typer
 # Subcommand modules under llamatron.cli, in the order `--help` lists them.
 COMMAND_MODULES = [
     "convert", "check",
-    "preprocess_sft",
+    "preprocess", "preprocess_sft", "data",
     "train",
     "generate",
     "quickstart",
