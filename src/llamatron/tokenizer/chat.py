@@ -11,11 +11,12 @@ Each part is encoded on its own and the ids concatenated, as Meta does, so messa
 merges with the header and special-token strings inside content stay plain text. Content is
 stripped like the official HF template's `| trim` (Meta's reference leaves it as given).
 
-Other HF tokenizers render their own chat template (exactly as transformers does) and the whole
-text is tokenized at once, as `apply_chat_template` does. Message spans are then found by
-rendering prefixes: message i spans the characters between render(messages[:i]) and
-render(messages[:i+1]), which must each be a prefix of the full rendering, and a token belongs to
-the message its first character falls in.
+Other HF tokenizers render their own chat template (exactly as transformers does) and tokenize
+the text as `apply_chat_template(..., sanitize_control_tokens=True)` does: control tokens the
+template writes are parsed, while control-token strings inside message content stay plain text
+(as in the Llama 3 path). Message spans are then found by rendering prefixes: message i spans the
+characters between render(messages[:i]) and render(messages[:i+1]), which must each be a prefix of
+the full rendering, and a token belongs to the message its first character falls in.
 
 Build an SFT loss mask from the result with:
     for s in enc.segments: if s.role == "assistant": mask[s.start:s.end] = True
@@ -23,6 +24,7 @@ Build an SFT loss mask from the result with:
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
@@ -38,6 +40,9 @@ DEFAULT_SYSTEM_PROMPT = "Cutting Knowledge Date: December 2023\nToday Date: 26 J
 LLAMA3_HEADER_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
                        "ipython": "ipython", "tool": "ipython"}
 LLAMA3_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Private-use characters that wrap control-token strings found in message content while the
+# template renders, so they can be told apart from the control tokens the template writes.
+MARK_START, MARK_END = "\ue000", "\ue001"
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,10 @@ def _encode_llama3(tok: Tokenizer, messages: list[dict], *, add_generation_promp
 
 def _encode_template(tok: HFTokenizer, messages: list[dict], *, add_generation_prompt: bool,
                      bos: bool) -> ChatEncoding:
+    control = re.compile("|".join(map(re.escape, tok.control_tokens)) or "(?!)")  # (?!): none
+    messages = [{**m, "content": _mark(m["content"], control)} for m in messages]
     text = tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
-    ids, offsets = tok.encode_with_offsets(text)
-    starts = [start for start, _ in offsets]  # (tokens,) first character of each token
+    ids, starts = _encode_marked(tok, text)
 
     boundaries = [_empty_render_length(tok, text)]
     for i in range(1, len(messages) + 1):
@@ -136,6 +142,36 @@ def _encode_template(tok: HFTokenizer, messages: list[dict], *, add_generation_p
         ids = ids[1:]
         segments = [ChatSegment(role=s.role, start=max(s.start - 1, 0), end=s.end - 1) for s in segments]
     return ChatEncoding(ids=ids, segments=segments)
+
+
+def _mark(content: str, control: re.Pattern) -> str:
+    content = content.replace(MARK_START, "").replace(MARK_END, "")  # no forged marks
+    return control.sub(lambda m: f"{MARK_START}{m.group(0)}{MARK_END}", content)
+
+
+def _encode_marked(tok: HFTokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Ids of rendered text whose marked control-token strings are plain text, and the position
+    in `text` where each token starts (non-decreasing, for mapping message boundaries)."""
+    ids: list[int] = []
+    starts: list[int] = []
+
+    def add(piece_start: int, piece_end: int, *, parse_special: bool) -> None:
+        piece = text[piece_start:piece_end]
+        if parse_special:
+            # A template that cut a marked string apart leaves lone marks; drop them.
+            piece = piece.replace(MARK_START, "").replace(MARK_END, "")
+        if piece:
+            piece_ids, offsets = tok.encode_with_offsets(piece, parse_special=parse_special)
+            ids.extend(piece_ids)
+            starts.extend(min(piece_start + start, piece_end) for start, _ in offsets)
+
+    at = 0
+    for marked in re.finditer(f"{MARK_START}([^{MARK_END}]*){MARK_END}", text):
+        add(at, marked.start(), parse_special=True)
+        add(marked.start(1), marked.end(1), parse_special=False)
+        at = marked.end()
+    add(at, len(text), parse_special=True)
+    return ids, starts
 
 
 def _empty_render_length(tok: HFTokenizer, text: str) -> int:

@@ -134,9 +134,16 @@ class HFTokenizer:
         encodings = self.model.encode_batch(list(texts), add_special_tokens=False)
         return [self._wrap(e.ids, bos=bos, eos=eos) for e in encodings]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of rendered chat text (special tokens parsed) and each token's (start, end) in chars."""
-        encoding = self.chat_model.encode(text, add_special_tokens=False)
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The special (control) token strings, longest first so a token wins over its prefixes."""
+        added = self.model.get_added_tokens_decoder().values()
+        return tuple(sorted((t.content for t in added if t.special), key=len, reverse=True))
+
+    def encode_with_offsets(self, text: str, *, parse_special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` and each token's (start, end) in characters of `text`."""
+        model = self.chat_model if parse_special else self.model
+        encoding = model.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
     def decode(self, ids: list[int]) -> str:
