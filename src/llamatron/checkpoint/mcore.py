@@ -145,6 +145,12 @@ def _extra_safe_globals(path: Path) -> list[Any]:
             allowed.append((stub, name))
         else:
             refused.append(name)
+    if "numpy.dtype" in names:
+        # A pickled dtype is rebuilt as an instance of its numpy.dtypes class (e.g. UInt32DType),
+        # which the unpickler checks too although the file does not name it.
+        import numpy
+
+        allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     if refused:
         raise LlamatronError(
             f"{path}: refusing to unpickle {', '.join(sorted(refused))} (only tensors, argparse.Namespace, "
