@@ -157,8 +157,11 @@ class HFTokenizer:
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs) -> str:
         """The chat as text, rendered exactly like transformers' apply_chat_template(tokenize=False)."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            raise LlamatronError("rendering a HF chat template needs a transformers with "
+                                 "transformers.utils.chat_template_utils.render_jinja_template; `pip install -U transformers`") from None
         if self.chat_template is None:
             raise LlamatronError(f"{self.path} has no chat template (no chat_template.jinja and no "
                                  "chat_template in tokenizer_config.json); add one or use 'llama3'")

@@ -126,11 +126,14 @@ class Llama3Tokenizer:
         """Ids of `text`. Special-token strings are plain text unless `parse_special` (chat
         templates); a huge document is encoded in pieces so tiktoken never crashes on it."""
         if parse_special:
-            ids = [i for piece in split_for_tiktoken(text)
-                   for i in self.model.encode(piece, allowed_special="all")]
+            def encode_piece(piece: str) -> list[int]:
+                return self.model.encode(piece, allowed_special="all")
         else:
-            ids = [i for piece in split_for_tiktoken(text) for i in self.model.encode_ordinary(piece)]
-        return self._wrap(ids, bos=bos, eos=eos)
+            encode_piece = self.model.encode_ordinary
+        pieces = list(split_for_tiktoken(text))
+        if len(pieces) == 1:
+            return self._wrap(encode_piece(pieces[0]), bos=bos, eos=eos)
+        return self._wrap([i for piece in pieces for i in encode_piece(piece)], bos=bos, eos=eos)
 
     def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False,
                      num_threads: int = 8) -> list[list[int]]:
