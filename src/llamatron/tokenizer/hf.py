@@ -160,8 +160,9 @@ class HFTokenizer:
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:
-            raise LlamatronError("rendering a HF chat template needs a transformers with "
-                                 "transformers.utils.chat_template_utils.render_jinja_template; `pip install -U transformers`") from None
+            raise LlamatronError(
+                "rendering a HF chat template needs transformers.utils.chat_template_utils."
+                "render_jinja_template; upgrade with `pip install -U transformers`") from None
         if self.chat_template is None:
             raise LlamatronError(f"{self.path} has no chat template (no chat_template.jinja and no "
                                  "chat_template in tokenizer_config.json); add one or use 'llama3'")
