@@ -256,9 +256,18 @@ def build_shard(
             state[OUTPUT_LAYER] = shard_vocab_rows(read, embedding_name, plan, tp_rank=tp_rank)
     for key, tensor in state.items():
         if tensor is not None:
-            # A clone drops views into larger buffers, so torch.save writes only this shard's bytes.
-            state[key] = tensor.to(dtype=dtype or tensor.dtype).contiguous().clone()
+            state[key] = _compact(tensor.to(dtype=dtype or tensor.dtype))
     return state
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor owning exactly its bytes: torch.save writes a view's whole storage, so views
+    into larger buffers are copied; fresh results (cat, casts) are kept as they are, saving a copy."""
+    if not tensor.is_contiguous():
+        return tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 # ---- shards -> HF -----------------------------------------------------------------------------

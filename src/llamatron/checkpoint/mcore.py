@@ -319,12 +319,13 @@ class McoreCheckpointReader:
         """Decoder layer `layer` (global index) as internal tensors, merged across TP."""
         pp_rank, _ = self.plan.stage_of(layer)
         with self.stage(pp_rank) as states:
-            return {k: v.clone() for k, v in keymaps.merge_layer(states, self.plan, layer=layer).items()}
+            # Norms are views into the mapped file; the mapping lives as long as they do (one layer).
+            return keymaps.merge_layer(states, self.plan, layer=layer)
 
     def extra(self, name: str) -> torch.Tensor:
         """embed_tokens.weight, norm.weight or lm_head.weight (untied), merged across TP."""
         with self.stage(keymaps.extra_stage(self.plan, name)) as states:
-            return keymaps.merge_extra(states, self.plan, name=name).clone()
+            return keymaps.merge_extra(states, self.plan, name=name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every internal tensor, in HF order (embedding, layers, norm, output layer), one at a time."""
