@@ -166,13 +166,16 @@ def cache_key(path: str | Path, *, tokenizer: Any, options: SFTOptions) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "q 问"}, {"role": "assistant", "content": "a"}]
     from llamatron.tokenizer.chat import encode_chat
 
+    probe = [{"role": "user", "content": "q 问"}, {"role": "assistant", "content": "a"}]
+    try:
+        probe_ids = encode_chat(tokenizer, [{"role": "system", "content": "s"}, *probe]).ids
+    except Exception:  # some chat templates refuse system messages; the probe without one still tells them apart
+        probe_ids = encode_chat(tokenizer, probe).ids
     fingerprint = {
         "version": CACHE_VERSION, "options": asdict(options), "spec": str(getattr(tokenizer, "spec", "")),
-        "vocab": int(tokenizer.vocab_size), "probe": list(encode_chat(tokenizer, probe).ids),
-        "pad": getattr(tokenizer, "pad_id", None),
+        "vocab": int(tokenizer.vocab_size), "probe": list(probe_ids), "pad": getattr(tokenizer, "pad_id", None),
     }
     digest.update(json.dumps(fingerprint, sort_keys=True).encode())
     return digest.hexdigest()
