@@ -41,3 +41,20 @@ def test_preprocess_sft_bad_records(tmp_path, capsys):
     assert "line 2: missing field 'output'" in capsys.readouterr().err
     assert main([*args, "--on-error", "skip"]) == 0
     assert "skipped 1 empty output, 1 missing field" in capsys.readouterr().out
+
+
+def test_data_show_marks_masked_spans(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLAMATRON_CACHE", str(tmp_path / "cache"))
+    prefix = str(tmp_path / "demo")
+    assert main(["preprocess-sft", "--input", str(DEMO), "--output-prefix", prefix, "--seq-len", "128", "--packing"]) == 0
+    capsys.readouterr()
+    # An idxmap written by preprocess-sft is recognised as SFT data without --kind.
+    assert main(["data", "show", "--data-path", prefix + "_text_document", "--seq-len", "128", "--count", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    assert "⟦<|begin_of_text|><|start_header_id|>user<|end_header_id|>" in out
+    assert "<|eot_id|>⟧<|start_header_id|>assistant<|end_header_id|>" in out
+    assert main(["data", "show", "--data-path", str(DEMO), "--seq-len", "128", "--count", "1", "--json", "--cache-dir", ""]) == 0
+    (item,) = json.loads(capsys.readouterr().out)
+    raw = build_sft_dataset(DEMO, seq_len=128, seed=1234, cache_dir=tmp_path / "cache")[0]
+    assert all(item[k] == raw[k].tolist() for k in raw)

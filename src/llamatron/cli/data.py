@@ -52,7 +52,9 @@ SHOW_KINDS: dict[str, Callable[[ShowRequest], list[list[int]]]] = {"pretrain": _
 
 
 def detect_kind(data_path: list[str]) -> str:
-    if any(p.endswith((".json", ".jsonl")) for p in data_path):
+    from llamatron.data.sft import is_sft_data
+
+    if any(is_sft_data(p) for p in data_path):
         return "sft"
     return "pretrain"
 
@@ -74,7 +76,7 @@ def show_command(
         help="Samples the run asks of this split (train_iters x global batch); sets the epoch count and "
              "blend sizes. Default: one epoch (a weighted blend: --count).",
     ),
-    kind: str = typer.Option("auto", "--kind", help="Data kind: auto, " + ", ".join(SHOW_KINDS) + "."),
+    kind: str = typer.Option("auto", "--kind", help="Data kind: auto, " + ", ".join([*SHOW_KINDS, "sft"]) + "."),
     cache_dir: str | None = typer.Option(
         None, "--cache-dir", help="Where index caches go (default: 'cache/' beside the data; '' for none)."
     ),
@@ -84,6 +86,11 @@ def show_command(
     if count < 0:
         raise LlamatronError(f"--count {count} must be >= 0")
     kind = detect_kind(paths) if kind == "auto" else kind
+    if kind == "sft":  # SFT rows, shown with their masked spans marked (llamatron.data.sft)
+        from llamatron.data.sft import show_sft
+
+        show_sft(paths, seq_len=seq_len, seed=seed, count=count, tokenizer=tokenizer, as_json=as_json)
+        return
     if kind not in SHOW_KINDS:
         raise LlamatronError(f"--kind {kind!r} has no sample reader; use one of {', '.join(SHOW_KINDS)}")
     request = ShowRequest(

@@ -402,3 +402,39 @@ def show_rows(path: str | Path, *, tokenizer: Any, count: int = 3, start: int = 
         rows = SFTIdxmap(path)
     stop = min(start + count, len(rows))
     return [render_row(rows[i], tokenizer, index=i) for i in range(start, stop)]
+
+
+def is_sft_data(path: str) -> bool:
+    """Raw records (.json/.jsonl) or an idxmap written by preprocess-sft (its .sft.json summary beside it)."""
+    if path.endswith((".json", ".jsonl")):
+        return True
+    from llamatron.data.sft_idxmap import IDXMAP_SUFFIX
+
+    return any(Path(p + ".sft.json").exists() for p in (path, path + IDXMAP_SUFFIX))
+
+
+def show_sft(paths: Sequence[str], *, seq_len: int, seed: int, count: int, tokenizer: str, as_json: bool) -> None:
+    """`llamatron data show` for SFT data: the first `count` rows in training order (seed), decoded with
+    masked spans marked, or as JSON items (tokens, labels, positions, document_ids)."""
+    if len(paths) != 1:
+        raise LlamatronError(f"SFT data is one JSON/JSONL file or one SFT idxmap prefix, got {list(paths)}")
+    path = paths[0]
+    raw = path.endswith((".json", ".jsonl"))
+    dataset = build_sft_dataset(path, fmt="raw" if raw else "idxmap", tokenizer=tokenizer, seq_len=seq_len, seed=seed)
+    shown = range(min(count, len(dataset)))
+    if as_json:
+        print(json.dumps([{k: v.tolist() for k, v in dataset[i].items()} for i in shown]))
+        return
+    from rich.console import Console
+
+    from llamatron.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    console = Console(highlight=False)
+    if raw:
+        console.print(summary_line(dataset.stats))
+    console.print("⟦…⟧ = masked (label -100, no loss); the rest is trained.", style="dim")
+    for i in shown:
+        j = dataset.row_index(i)
+        console.print(f"--- sample {i} (row {j}) ---", style="bold")
+        console.print(render_row(dataset.rows[j], tok, index=j))
