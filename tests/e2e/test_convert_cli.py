@@ -152,3 +152,14 @@ def test_seed_script_examples(smollm2, tmp_path):
 
     assert_same_hf(hf, back)
     assert (back / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+
+
+def test_check_on_a_tiny_model_and_a_different_model(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out), "--tp", "2", "--pp", "2",
+                 "--layout", "mcore", "--check"]) == 0
+    other = tmp_path / "other"
+    save_hf_model(build_model(tiny_config(num_layers=4, num_kv_heads=4, num_heads=4, ffn_hidden_size=64), seed=9),
+                  other, dtype=torch.float32)
+    assert main(["check", "--hf", str(other), "--mcore", str(out)]) == 2
+    assert "are different models (ffn_hidden_size 96 vs 64)" in capsys.readouterr().err

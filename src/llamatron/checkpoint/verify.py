@@ -92,8 +92,12 @@ def compare_checkpoints(
     hf_dir, mcore_dir, device = Path(hf_dir), Path(mcore_dir), torch.device(device)
     hf_config = HFCheckpointReader(hf_dir).config
     reader = McoreCheckpointReader(mcore_dir, iteration=iteration)
-    if reader.config.replace(init_std=hf_config.init_std) != hf_config:
-        raise LlamatronError(f"{mcore_dir} and {hf_dir} describe different models (shapes or numerics differ); "
+    shape = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "dim_per_head",
+             "ffn_hidden_size", "tie_word_embeddings")
+    differ = [f"{f} {getattr(reader.config, f)} vs {getattr(hf_config, f)}" for f in shape
+              if getattr(reader.config, f) != getattr(hf_config, f)]
+    if differ:
+        raise LlamatronError(f"{mcore_dir} and {hf_dir} are different models ({', '.join(differ)}); "
                              "pass the HF directory the checkpoint was converted from")
     dtype = dtype or reader.dtype
     generator = torch.Generator().manual_seed(seed)
