@@ -261,10 +261,15 @@ class IndexedDatasetWriter:
             self._bin.close()
             if exc_type is not None:
                 return
+            # mkstemp creates 0600 files; datasets are shared, so give them the usual umask mode.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp_bin, 0o666 & ~umask)
             # .bin first: a reader never finds a new .idx next to an old or partial .bin.
             os.replace(self._tmp_bin, self.bin_path)
             self._tmp_bin = None
             atomic_write_bytes(self.idx_path, self._index_bytes())
+            os.chmod(self.idx_path, 0o666 & ~umask)
         finally:
             if self._tmp_bin is not None:
                 with contextlib.suppress(FileNotFoundError):
