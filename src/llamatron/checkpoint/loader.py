@@ -1,0 +1,79 @@
+"""One entry point for every model directory a user may hold: `load_model(path)` finds out which format
+it is (HF, Megatron-Core of any TP x PP) and returns llamatron's single-device model with its tokenizer.
+No conversion step, no files written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llamatron.errors import LlamatronError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamatron.model import Llama
+    from llamatron.tokenizer import Tokenizer
+
+DEFAULT_MCORE_TOKENIZER = "llama3"
+
+
+def detect_format(path: Path) -> str:
+    """"hf", "mcore" or "llamatron" (a training run directory); a clear error for anything else."""
+    from llamatron.checkpoint.mcore import is_mcore_checkpoint
+
+    if not path.exists():
+        raise LlamatronError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise LlamatronError(f"--model {path} is a file; pass the directory holding the checkpoint")
+    has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if (path / "config.json").is_file() and has_weights:
+        return "hf"
+    if is_mcore_checkpoint(path):
+        return "mcore"
+    # llamatron training runs store DCP checkpoints: checkpoints/step-N/.metadata (torch.distributed.checkpoint).
+    if any(path.glob("**/.metadata")):
+        return "llamatron"
+    present = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+    raise LlamatronError(
+        f"{path} is not a model directory of a known format: expected a HF checkpoint (config.json + "
+        "*.safetensors) or a Megatron-Core checkpoint (latest_checkpointed_iteration.txt, or mp_rank_*/ "
+        f"shards); found {present}"
+    )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[Llama, Tokenizer]:
+    """(model in eval mode, tokenizer). `tokenizer` overrides the checkpoint's own: a HF directory's
+    tokenizer files are used by default, "llama3" for Megatron-Core checkpoints (which carry none)."""
+    from llamatron.tokenizer import load_tokenizer
+
+    path = Path(path).expanduser()
+    kind = detect_format(path)
+    if kind == "hf":
+        from llamatron.checkpoint.hf import load_hf_model
+
+        model = load_hf_model(path, device=device, dtype=dtype)
+        if tokenizer is None:
+            if not (path / "tokenizer.json").is_file():
+                raise LlamatronError(f"{path} has no tokenizer.json; pass --tokenizer llama3 or a HF tokenizer directory")
+            tokenizer = path
+    elif kind == "mcore":
+        from llamatron.checkpoint.mcore import load_mcore_model
+
+        model = load_mcore_model(path, device=device, dtype=dtype)
+        tokenizer = tokenizer if tokenizer is not None else DEFAULT_MCORE_TOKENIZER
+    else:
+        # TODO(trainer issue: DCP training checkpoints): load the model state from a llamatron run's DCP
+        # checkpoint once train/checkpointing.py settles its layout.
+        raise LlamatronError(
+            f"{path} looks like a llamatron training checkpoint (DCP), which cannot be loaded for evaluation "
+            "yet; export it to HF first, or point --model at a HF or Megatron-Core checkpoint"
+        )
+    model.eval()
+    return model, load_tokenizer(tokenizer)
