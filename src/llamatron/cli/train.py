@@ -80,11 +80,16 @@ def train_command(
         if key == "training.train_iters":
             cfg.training.train_tokens = None
     cfg.validate()
+    from llamatron.train.trainer import check_supported
+
+    check_supported(cfg)
     if nnodes > 1 and master_port == 0:
         raise LlamatronError("multi-node training needs --master-addr and --master-port of node 0")
-    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+    # One process on one node needs no launcher (and no rendezvous port to race for).
+    single = nproc_per_node in (None, 1) and nnodes == 1
+    if not single and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(_launch_torchrun(
-            ctx.obj["argv"], nproc=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+            ctx.obj["argv"], nproc=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
             master_port=master_port,
         ))
     from llamatron.train.trainer import train

@@ -45,6 +45,18 @@ class DataSection:
     """SFT raw mode: pad/truncate each sample to this many tokens (the seed's PAD_LEN); None means seq_len."""
     sft_loss: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     """The seed's SFT loss averages each sequence's mean token loss; token_mean averages all tokens."""
+    sft_record_format: Literal["auto", "alpaca", "query", "messages", "sharegpt"] = "auto"
+    """SFT raw records: detected from their fields, or named."""
+    train_on_prompt: bool = False
+    """SFT: train on prompt tokens too (default: only assistant turns, header and <|eot_id|> included)."""
+    train_turns: Literal["all", "last"] = "all"
+    """SFT multi-turn records: train every assistant turn, or only the last."""
+    default_system: bool = False
+    """SFT: insert the seed's Llama 3.1 system block where a record has none."""
+    truncate: bool = False
+    """SFT: cut samples longer than the row (default: drop them, counted in the summary)."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """SFT raw records: stop at the first bad record, or skip and count bad ones."""
 
 
 @dataclass(kw_only=True)

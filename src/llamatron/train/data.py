@@ -64,7 +64,9 @@ def _sft_data(config: JobConfig) -> TrainData:
     d, t = config.data, config.training
     common = dict(
         fmt=d.sft_format, tokenizer=config.model.tokenizer, seq_len=d.pad_len or t.seq_len,
-        packing=d.packing, seed=t.seed,
+        packing=d.packing, seed=t.seed, format=d.sft_record_format, train_on_prompt=d.train_on_prompt,
+        train_turns=d.train_turns, default_system=d.default_system, truncate=d.truncate,
+        on_error="skip" if d.on_error == "skip" else "raise",
     )
     if len(d.data_path) != 1:
         raise LlamatronError(f"SFT takes one data file or idxmap prefix in data.data_path, got {d.data_path}")

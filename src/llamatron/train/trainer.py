@@ -245,9 +245,34 @@ class Trainer:
         return bool(flag.item())
 
 
+def unsupported_features(config: JobConfig) -> list[str]:
+    """Settings that are valid but not built yet: refused with a clear message, never ignored."""
+    p, found = config.parallel, []
+    for name in ("tp", "pp", "cp", "virtual_pipeline"):
+        if getattr(p, name) > 1:
+            found.append(f"parallel.{name}={getattr(p, name)}")
+    if p.activation_checkpoint != "none":
+        found.append(f"parallel.activation_checkpoint={p.activation_checkpoint}")
+    if p.optimizer_offload != "none":
+        found.append(f"parallel.optimizer_offload={p.optimizer_offload}")
+    if config.training.precision == "fp8":
+        found.append("training.precision=fp8")
+    return found
+
+
+def check_supported(config: JobConfig) -> None:
+    found = unsupported_features(config)
+    if found:
+        raise LlamatronError(
+            f"not yet supported: {', '.join(found)} (model parallelism, activation checkpointing, optimizer "
+            "offload and fp8 arrive with the model-parallelism work); use tp=pp=cp=1, AC false, offload false, bf16"
+        )
+
+
 def train(config: JobConfig) -> None:
     """Entry point on every rank."""
     config.validate()
+    check_supported(config)
     env = init_distributed(config.training.device)
     try:
         torch.manual_seed(config.training.seed)
