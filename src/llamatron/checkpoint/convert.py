@@ -222,10 +222,11 @@ def default_tokenizer(mcore_dir: Path, *, vocab_size: int) -> str | Path | None:
 
 def mcore_to_hf(
     mcore_dir: Path | str, out: Path | str, *, dtype: torch.dtype | None = None, tokenizer: str | Path | None = None,
-    iteration: int | str | None = None, force: bool = False,
+    iteration: int | str | None = None, force: bool = False, max_shard_bytes: int = 2 * 2**30,
 ) -> Path:
     """Write a complete HF directory (weights, config.json from `args`, tokenizer) from a Megatron-Core
-    checkpoint of any TP x PP; optimizer entries in the shards are ignored."""
+    checkpoint of any TP x PP; optimizer entries in the shards are ignored. The HF writer holds one
+    output shard in memory, so `max_shard_bytes` (2 GiB) bounds the memory this needs."""
     mcore_dir, out = Path(mcore_dir), Path(out)
     reader = mcore.McoreCheckpointReader(mcore_dir, iteration=iteration)
     dtype = dtype or reader.dtype
@@ -235,7 +236,7 @@ def mcore_to_hf(
                          steps=reader.config.num_layers + 3)
     try:
         with output_lock(out), HFCheckpointWriter(out, config=reader.config, dtype=dtype, force=force,
-                                                  tokenizer=tokenizer) as writer:
+                                                  tokenizer=tokenizer, max_shard_bytes=max_shard_bytes) as writer:
             pending = 0
             for name, tensor in reader.tensors():
                 writer.write(hf_name(name), tensor)

@@ -361,11 +361,14 @@ def save_shard(
     """Write one model_optim_rng.pt (a converted checkpoint: no optimizer or RNG entries)."""
     path = shard_path(ckpt_dir, tp_rank=tp_rank, pp_rank=pp_rank, pp=plan.pp)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
-         "iteration": 0 if iteration == "release" else int(iteration), "model": model_state},
-        path,
-    )
+    entries = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+               "iteration": 0 if iteration == "release" else int(iteration), "model": model_state}
+    # The zip records' CRC32 costs more than the write itself on slow CPUs, and no torch.load checks it
+    # (PyTorch builds miniz with MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS), so it is left out.
+    from torch.utils.serialization import config as serialization_config
+
+    with serialization_config.patch({"save.compute_crc32": False}):
+        torch.save(entries, path)
     return path
 
 
