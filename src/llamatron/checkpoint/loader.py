@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from llamatron.model import Llama
     from llamatron.tokenizer import Tokenizer
 
-DEFAULT_MCORE_TOKENIZER = "llama3"
 
 
 def detect_format(path: Path) -> str:
@@ -50,7 +49,8 @@ def load_model(
     tokenizer: str | Path | None = None,
 ) -> tuple[Llama, Tokenizer]:
     """(model in eval mode, tokenizer). `tokenizer` overrides the checkpoint's own: a HF directory's
-    tokenizer files are used by default, "llama3" for Megatron-Core checkpoints (which carry none)."""
+    tokenizer files are used by default; for Megatron-Core checkpoints the tokenizer files conversion copied
+    beside them, else "llama3" for a Llama 3 vocabulary."""
     from llamatron.tokenizer import load_tokenizer
 
     path = Path(path).expanduser()
@@ -67,7 +67,8 @@ def load_model(
         from llamatron.checkpoint.mcore import load_mcore_model
 
         model = load_mcore_model(path, device=device, dtype=dtype)
-        tokenizer = tokenizer if tokenizer is not None else DEFAULT_MCORE_TOKENIZER
+        if tokenizer is None:
+            tokenizer = _mcore_tokenizer(path, vocab_size=model.config.vocab_size)
     else:
         # TODO(trainer issue: DCP training checkpoints): load the model state from a llamatron run's DCP
         # checkpoint once train/checkpointing.py settles its layout.
@@ -77,3 +78,16 @@ def load_model(
         )
     model.eval()
     return model, load_tokenizer(tokenizer)
+
+
+def _mcore_tokenizer(path: Path, *, vocab_size: int) -> str | Path:
+    """Tokenizer files that `convert hf2mcore` copied beside the tracker (the path may be the root or one
+    release/iter_* directory), else Llama 3's when the vocabulary is Llama 3's."""
+    from llamatron.checkpoint.convert import default_tokenizer
+
+    for root in (path, path.parent):
+        found = default_tokenizer(root, vocab_size=vocab_size)
+        if found is not None:
+            return found
+    raise LlamatronError(f"{path} carries no tokenizer files and its vocabulary ({vocab_size}) is not Llama 3's; "
+                         "pass --tokenizer with a HF tokenizer directory")
