@@ -23,8 +23,9 @@ def apply_fsdp(
     with parameters sharded too); shard=False keeps full copies on every rank, as DDP, by running
     FSDP2 on a 2-D (replicate, shard=1) mesh so both modes share one code path. Master weights stay in
     the parameters' dtype (fp32); compute runs in param_dtype; gradients are reduced in reduce_dtype.
-    Gradients are summed, not averaged: the trainer normalises the loss by the global token or
-    sequence count, which is exact when ranks hold different numbers of tokens."""
+    FSDP averages gradients over the data-parallel ranks; the trainer scales each rank's loss by the
+    data-parallel size so the result is the exact global-batch gradient. (A divide factor of 1 would say
+    the same more directly, but FSDP then reduces with PREMUL_SUM, which gloo lacks.)"""
     if not shard:
         mesh = _replicate_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -33,7 +34,6 @@ def apply_fsdp(
         # The last block's parameters are needed again first in backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    model.set_gradient_divide_factor(1.0)
 
 
 def _replicate_mesh(mesh: DeviceMesh) -> DeviceMesh:

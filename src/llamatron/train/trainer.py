@@ -111,7 +111,8 @@ class Trainer:
             logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
             numerator, _ = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
             loss = numerator / max(global_count, 1.0)
-            self.scaler.scale(loss).backward()
+            # FSDP averages gradients over data-parallel ranks; undo that to keep the global-batch sum.
+            self.scaler.scale(loss * self.plan.dp_size).backward()
             loss_sum += loss.detach().float().item()
             tokens += mb["tokens"].numel()
         self.scaler.unscale_(self.model.parameters())
