@@ -31,7 +31,8 @@ def make_random_hf(out: Path, *, preset_name: str, seed: int) -> None:
 
     config = preset(preset_name)
     generator = torch.Generator().manual_seed(seed)
-    with HFCheckpointWriter(out, config=config, dtype=torch.bfloat16) as writer:
+    # With the Llama 3 tokenizer files, as Meta's directories have them (conversions carry them along).
+    with HFCheckpointWriter(out, config=config, dtype=torch.bfloat16, tokenizer="llama3") as writer:
         for name, shape in expected_hf_shapes(config).items():
             tensor = torch.empty(shape, dtype=torch.bfloat16)
             tensor.normal_(0.0, 0.02, generator=generator)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,19 +160,27 @@ def _extra_safe_globals(path: Path) -> list[Any]:
     return allowed
 
 
+def _torch_load(path: Path, allowed: list[Any]) -> Any:
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip file
+
+
 def load_shard_file(path: Path) -> dict[str, Any]:
     """One shard file, memory-mapped (tensors are read from disk only when touched), weights_only."""
     if not path.is_file():
         raise LlamatronError(f"missing shard {path}; the checkpoint is incomplete or its TP/PP differs from its args")
     try:
-        allowed = _extra_safe_globals(path)
-        with torch.serialization.safe_globals(allowed):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip file
+        try:
+            state = _torch_load(path, [argparse.Namespace])
+        except pickle.UnpicklingError:
+            # Written by Megatron-LM (numpy RNG state, enums in args): scan the pickle for what it
+            # names (slow, pure Python) only now, and allow the harmless part.
+            state = _torch_load(path, _extra_safe_globals(path))
     except LlamatronError:
         raise
     except Exception as err:  # a truncated zip, a corrupt pickle: all mean the file is unusable
