@@ -112,16 +112,30 @@ def _nbytes(state: dict[str, torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values() if t is not None)
 
 
-def _hf_read(reader: HFCheckpointReader) -> keymaps.Read:
-    """keymaps.Read over a HF directory: safetensors slices, so only the requested rows/columns are read."""
+class _LayerwiseHFRead:
+    """keymaps.Read over a HF directory through safetensors slices (only the requested rows/columns
+    are touched), reopening the files at each new layer so the memory-mapped pages of finished layers
+    leave this process's resident memory (build_shard keeps no views past a layer)."""
 
-    def read(name: str, *, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
-        part = reader.get_slice(hf_name(name))
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: HFCheckpointReader | None = None
+        self._unit: str | None = None
+
+    def __call__(self, name: str, *, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        unit = ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
+        if self._reader is None or unit != self._unit:
+            self.close()
+            self._reader, self._unit = HFCheckpointReader(self.path), unit
+        part = self._reader.get_slice(hf_name(name))
         if cols is not None:
             return part[rows or slice(None), cols]
         return part[rows] if rows is not None else part[:]
 
-    return read
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def check_hf_source(reader: HFCheckpointReader) -> None:
@@ -170,8 +184,11 @@ def write_mcore_shards(
 
 @contextlib.contextmanager
 def _open_hf_read(path: Path) -> Iterator[keymaps.Read]:
-    with HFCheckpointReader(path) as reader:
-        yield _hf_read(reader)
+    read = _LayerwiseHFRead(path)
+    try:
+        yield read
+    finally:
+        read.close()
 
 
 def hf_to_mcore(

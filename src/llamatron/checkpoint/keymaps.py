@@ -182,9 +182,18 @@ def split_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of interleave_qkv: (q, k, v) with HF's row order."""
     hidden = qkv.shape[1]
-    blocks = qkv.reshape(groups, (heads_per_group + 2) * head_dim, hidden)
-    q, k, v = blocks.split([heads_per_group * head_dim, head_dim, head_dim], dim=1)
+    q, k, v = _qkv_blocks(qkv, groups=groups, heads_per_group=heads_per_group, head_dim=head_dim)
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def _qkv_blocks(
+    qkv: torch.Tensor, *, groups: int, heads_per_group: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views (groups, rows, hidden) of q, k and v: concatenating TP ranks' views on dim 0 then
+    flattening copies each weight once (flattening a strided view first would copy it twice)."""
+    blocks = qkv.reshape(groups, (heads_per_group + 2) * head_dim, qkv.shape[1])
+    q, k, v = blocks.split([heads_per_group * head_dim, head_dim, head_dim], dim=1)
+    return q, k, v
 
 
 # ---- HF -> shard ------------------------------------------------------------------------------
@@ -248,16 +257,23 @@ def build_shard(
     for local, layer in enumerate(plan.stage_range(pp_rank)):
         for suffix, tensor in shard_layer(read, plan, layer=layer, tp_rank=tp_rank).items():
             state[f"decoder.layers.{local}.{suffix}"] = tensor
+        # Compacted layer by layer: no view into the source outlives its layer, so a `read` that
+        # reopens its files per layer releases the mapped pages of finished layers.
+        _compact_all(state, dtype=dtype)
     if last:
         state[FINAL_NORM[plan.layout]] = read("norm.weight")
         if not plan.config.tie_word_embeddings:
             state[OUTPUT_LAYER] = shard_vocab_rows(read, "lm_head.weight", plan, tp_rank=tp_rank)
         elif not first:
             state[OUTPUT_LAYER] = shard_vocab_rows(read, embedding_name, plan, tp_rank=tp_rank)
+    _compact_all(state, dtype=dtype)
+    return state
+
+
+def _compact_all(state: dict[str, torch.Tensor | None], *, dtype: torch.dtype | None) -> None:
     for key, tensor in state.items():
         if tensor is not None:
             state[key] = _compact(tensor.to(dtype=dtype or tensor.dtype))
-    return state
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
@@ -301,15 +317,15 @@ def merge_layer(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, la
     groups = c.num_kv_heads // plan.tp
     qs, ks, vs, gates, ups = [], [], [], [], []
     for state in tp_states:
-        q, k, v = split_qkv(state[pre + QKV], groups=groups, heads_per_group=heads_per_group, head_dim=c.dim_per_head)
+        q, k, v = _qkv_blocks(state[pre + QKV], groups=groups, heads_per_group=heads_per_group, head_dim=c.dim_per_head)
         qs.append(q), ks.append(k), vs.append(v)
         gate, up = state[pre + FC1].chunk(2, dim=0)
         gates.append(gate), ups.append(up)
     p = f"layers.{layer}."
     out = {
-        p + "self_attn.q_proj.weight": torch.cat(qs),
-        p + "self_attn.k_proj.weight": torch.cat(ks),
-        p + "self_attn.v_proj.weight": torch.cat(vs),
+        p + "self_attn.q_proj.weight": torch.cat(qs).flatten(0, 1),  # (num_heads * head_dim, hidden)
+        p + "self_attn.k_proj.weight": torch.cat(ks).flatten(0, 1),
+        p + "self_attn.v_proj.weight": torch.cat(vs).flatten(0, 1),
         p + "self_attn.o_proj.weight": torch.cat([s[pre + PROJ] for s in tp_states], dim=1),
         p + "mlp.gate_proj.weight": torch.cat(gates),
         p + "mlp.up_proj.weight": torch.cat(ups),
