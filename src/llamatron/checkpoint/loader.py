@@ -30,14 +30,15 @@ def detect_format(path: Path) -> str:
         return "hf"
     if is_mcore_checkpoint(path):
         return "mcore"
-    # llamatron training runs store DCP checkpoints: checkpoints/step-N/.metadata (torch.distributed.checkpoint).
-    if any(path.glob("**/.metadata")):
+    from llamatron.checkpoint.dcp import is_run_checkpoint
+
+    if is_run_checkpoint(path):
         return "llamatron"
     present = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
     raise LlamatronError(
         f"{path} is not a model directory of a known format: expected a HF checkpoint (config.json + "
-        "*.safetensors) or a Megatron-Core checkpoint (latest_checkpointed_iteration.txt, or mp_rank_*/ "
-        f"shards); found {present}"
+        "*.safetensors), a Megatron-Core checkpoint (latest_checkpointed_iteration.txt, or mp_rank_*/ "
+        f"shards) or a llamatron run (checkpoints/latest); found {present}"
     )
 
 
@@ -70,12 +71,11 @@ def load_model(
         if tokenizer is None:
             tokenizer = _mcore_tokenizer(path, vocab_size=model.config.vocab_size)
     else:
-        # TODO(trainer issue: DCP training checkpoints): load the model state from a llamatron run's DCP
-        # checkpoint once train/checkpointing.py settles its layout.
-        raise LlamatronError(
-            f"{path} looks like a llamatron training checkpoint (DCP), which cannot be loaded for evaluation "
-            "yet; export it to HF first, or point --model at a HF or Megatron-Core checkpoint"
-        )
+        from llamatron.checkpoint.dcp import load_dcp_model
+
+        model, own_tokenizer = load_dcp_model(path, device=device, dtype=dtype)
+        if tokenizer is None:
+            tokenizer = own_tokenizer
     model.eval()
     return model, load_tokenizer(tokenizer)
 

@@ -16,7 +16,7 @@ import typer
 COMMAND_MODULES = [
     "convert", "check",
     "preprocess", "preprocess_sft", "data",
-    "train", "eval",
+    "train", "export", "eval",
     "generate",
     "quickstart",
 ]

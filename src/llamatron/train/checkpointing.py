@@ -13,7 +13,6 @@ load, so a checkpoint resumes at any data-parallel size.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llamatron.checkpoint.atomic import atomic_write_bytes
-from llamatron.errors import LlamatronError
+from llamatron.checkpoint.dcp import STEP_DIR, latest_checkpoint, step_dir, write_model_info
+from llamatron.model import LlamaConfig
 
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+__all__ = ["TrainState", "latest_checkpoint", "load_checkpoint", "load_model_weights", "save_checkpoint", "step_dir"]
 
 
 @dataclass(kw_only=True)
@@ -41,22 +41,6 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
-
-
-def step_dir(root: Path, iteration: int) -> Path:
-    return root / f"step-{iteration:07d}"
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint named by `latest`, or None when there is none yet."""
-    marker = root / "latest"
-    if not marker.is_file():
-        return None
-    name = marker.read_text().strip()
-    path = root / name
-    if not _STEP_DIR.match(name) or not (path / ".metadata").is_file():
-        raise LlamatronError(f"{marker} names {name!r}, which is not a complete checkpoint; remove the marker or fix it")
-    return path
 
 
 def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -68,7 +52,8 @@ def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 
 def save_checkpoint(
-    root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep_last: int
+    root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep_last: int,
+    model_config: LlamaConfig, tokenizer: str,
 ) -> Path:
     """Save collectively (every rank calls this); returns the final directory."""
     final = step_dir(root, state.iteration)
@@ -81,6 +66,7 @@ def save_checkpoint(
     dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp))
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+        write_model_info(tmp, config=model_config, tokenizer=tokenizer)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -93,7 +79,7 @@ def save_checkpoint(
 def _prune(root: Path, *, keep_last: int, keep: Path) -> None:
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
     for old in steps[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)

@@ -105,23 +105,6 @@ class RunDir:
                 and json.loads(line)["iteration"] <= after_iteration]
         atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
-    @staticmethod
-    def is_llamatron_checkpoint(path: str) -> bool:
-        p = Path(path)
-        return (p / "checkpoints" / "latest").is_file() or (p / "train_state.json").is_file()
-
-    @staticmethod
-    def resolve_llamatron_checkpoint(path: str) -> Path:
-        from llamatron.train.checkpointing import latest_checkpoint
-
-        p = Path(path)
-        if (p / "train_state.json").is_file():
-            return p
-        found = latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise LlamatronError(f"{path}: no complete checkpoint found")
-        return found
-
 
 def _format_seconds(seconds: float) -> str:
     seconds = int(seconds)

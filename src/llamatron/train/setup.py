@@ -60,17 +60,20 @@ def build_model_for_training(
 ) -> tuple[Llama, LlamaConfig]:
     """fp32 master weights on `device`: a seeded random init, or the HF / Megatron-Core weights in
     model.init_from. A llamatron checkpoint in init_from is loaded after sharding, by the trainer."""
-    from llamatron.train.run_dir import RunDir
+    from llamatron.checkpoint.dcp import is_run_checkpoint, read_model_info, resolve_checkpoint
 
     init_from = config.model.init_from
-    external = init_from is not None and not RunDir.is_llamatron_checkpoint(init_from)
+    own_run = init_from is not None and is_run_checkpoint(Path(init_from))
+    external = init_from is not None and not own_run
     if external:
         kind, model_config = _init_source(init_from)
-        if config.model.name is not None:
-            _check_same_architecture(_named_config(config.model.name), model_config, name=config.model.name,
-                                     source=init_from)
+    elif own_run:
+        model_config, _ = read_model_info(resolve_checkpoint(Path(init_from)))
     else:
         model_config = _named_config(config.model.name or "tiny")
+    if init_from is not None and config.model.name is not None:
+        _check_same_architecture(_named_config(config.model.name), model_config, name=config.model.name,
+                                 source=init_from)
     if config.training.seq_len > model_config.max_position_embeddings:
         raise LlamatronError(
             f"training.seq_len {config.training.seq_len} exceeds the model's {model_config.max_position_embeddings} "

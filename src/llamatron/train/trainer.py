@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llamatron.checkpoint.dcp import is_run_checkpoint, resolve_checkpoint
 from llamatron.config.job import JobConfig
 from llamatron.errors import LlamatronError
 from llamatron.model import Llama
@@ -83,8 +84,8 @@ class Trainer:
             self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
             self.run.truncate_metrics(after_iteration=self.state.iteration)
             self.run.log(f"resumed from {latest} at iteration {self.state.iteration}")
-        elif self.config.model.init_from and self.run.is_llamatron_checkpoint(self.config.model.init_from):
-            source = self.run.resolve_llamatron_checkpoint(self.config.model.init_from)
+        elif self.config.model.init_from and is_run_checkpoint(Path(self.config.model.init_from)):
+            source = resolve_checkpoint(Path(self.config.model.init_from))
             if self.config.model.finetune:
                 ckpt.load_model_weights(source, model=self.model)
                 self.run.log(f"initial weights from {source} (finetune: counters start at zero)")
@@ -232,7 +233,8 @@ class Trainer:
     def save(self) -> None:
         path = ckpt.save_checkpoint(
             self.run.checkpoints, model=self.model, optimizer=self.optimizer, state=self.state,
-            keep_last=self.config.checkpoint.keep_last,
+            keep_last=self.config.checkpoint.keep_last, model_config=self.model_config,
+            tokenizer=self.config.model.tokenizer,
         )
         self.run.log(f"saved {path}")
 
