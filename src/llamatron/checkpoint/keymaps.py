@@ -214,7 +214,7 @@ def shard_vocab_rows(read: Read, name: str, plan: ShardPlan, *, tp_rank: int) ->
     else:
         part = read(name, rows=real)
     if part is not None and real.stop == rows.stop:
-        return part
+        return part.clone()  # owned: `read` may return a view of a memory-mapped file
     out = torch.zeros(rows.stop - rows.start, hidden, dtype=part.dtype if part is not None else torch.float32)
     if part is not None:
         out[: real.stop - real.start] = part
@@ -234,12 +234,12 @@ def shard_layer(read: Read, plan: ShardPlan, *, layer: int, tp_rank: int) -> dic
     ffn = _rows(tp_rank, c.ffn_hidden_size, tp)
     out = {
         QKV: interleave_qkv(q, k, v, groups=groups.stop - groups.start, head_dim=d),
-        PROJ: read(p + "self_attn.o_proj.weight", cols=_rows(tp_rank, c.q_size, tp)),
+        PROJ: _owned(read(p + "self_attn.o_proj.weight", cols=_rows(tp_rank, c.q_size, tp))),
         FC1: torch.cat([read(p + "mlp.gate_proj.weight", rows=ffn), read(p + "mlp.up_proj.weight", rows=ffn)]),
-        FC2: read(p + "mlp.down_proj.weight", cols=ffn),
+        FC2: _owned(read(p + "mlp.down_proj.weight", cols=ffn)),
     }
     for mcore_suffix, internal_suffix in _NORMS["te" if plan.te else "local"].items():
-        out[mcore_suffix] = read(p + internal_suffix)
+        out[mcore_suffix] = _owned(read(p + internal_suffix))
     if plan.te:
         out.update(dict.fromkeys(TE_EXTRA_STATE))
     return out
@@ -261,13 +261,19 @@ def build_shard(
         # reopens its files per layer releases the mapped pages of finished layers.
         _compact_all(state, dtype=dtype)
     if last:
-        state[FINAL_NORM[plan.layout]] = read("norm.weight")
+        state[FINAL_NORM[plan.layout]] = _owned(read("norm.weight"))
         if not plan.config.tie_word_embeddings:
             state[OUTPUT_LAYER] = shard_vocab_rows(read, "lm_head.weight", plan, tp_rank=tp_rank)
         elif not first:
             state[OUTPUT_LAYER] = shard_vocab_rows(read, embedding_name, plan, tp_rank=tp_rank)
     _compact_all(state, dtype=dtype)
     return state
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy. Tensors `read` returns may be views of a memory-mapped file (safetensors
+    slices); one kept in a shard would keep the whole mapping, and its touched pages, resident."""
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _compact_all(state: dict[str, torch.Tensor | None], *, dtype: torch.dtype | None) -> None:
