@@ -97,3 +97,24 @@ def test_infeasible_config_lists_every_problem(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--bogus.key" in err and "--optim.lrr" in err
+
+
+def test_global_batch_must_split_over_the_processes(tmp_path, corpus, capsys):
+    code = main(["train", "--config", "tiny-debug", "--output", str(tmp_path / "x"), f"--data.data_path={corpus}",
+                 "--training.global_batch_size=6", "--training.micro_batch_size=3", "--nproc-per-node", "4"])
+    assert code == 2
+    assert "global batch 6 is not divisible by micro batch 3 x data-parallel size 4" in capsys.readouterr().err
+
+
+def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, corpus, capsys):
+    # An absurd learning rate blows the weights up: every later step is non-finite and skipped.
+    out = tmp_path / "nan"
+    code = main(["train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}",
+                 "--optim.lr=1e30", "--optim.min_lr=1e29", "--training.max_skipped_steps=3", "--train-iters", "20",
+                 "--training.eval_interval=0"])
+    assert code == 2
+    assert "steps skipped for non-finite values" in capsys.readouterr().err
+    records = _metrics(out)
+    skipped = [r["skipped_steps"] for r in records]
+    # Iteration 1 steps (and breaks the weights); 2, 3, 4 are skipped and logged; 5 is the 4th skip > 3.
+    assert skipped == [0, 1, 2, 3]

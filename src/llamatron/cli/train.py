@@ -80,9 +80,12 @@ def train_command(
         if key == "training.train_iters":
             cfg.training.train_tokens = None
     cfg.validate()
-    from llamatron.train.trainer import check_supported
+    from llamatron.errors import collect_problems
+    from llamatron.train.trainer import check_supported, layout_problems
 
     check_supported(cfg)
+    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        collect_problems(layout_problems(cfg, world_size=nproc_per_node * nnodes), what="infeasible configuration")
     if nnodes > 1 and master_port == 0:
         raise LlamatronError("multi-node training needs --master-addr and --master-port of node 0")
     # One process on one node needs no launcher (and no rendezvous port to race for).

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from llamatron.errors import LlamatronError
 from llamatron.model.config import LlamaConfig
 
 # Dense bf16 peak of the cards we report MFU against (TFLOP/s); fp8 counts the same peak, so fp8
@@ -67,27 +68,49 @@ def peak_memory_gib(device: torch.device) -> float | None:
 class MetricsWriter:
     """metrics.jsonl (one object per logged iteration) and, when enabled, TensorBoard."""
 
-    def __init__(self, run_dir: Path, *, tensorboard_dir: Path | None) -> None:
+    def __init__(
+        self, run_dir: Path, *, tensorboard_dir: Path | None, wandb_project: str | None = None,
+        run_name: str | None = None, config: dict | None = None,
+    ) -> None:
         self._jsonl = (run_dir / "metrics.jsonl").open("a")
         self._tb = None
+        self._wandb = None
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self._tb = None
-            else:
-                self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+                raise LlamatronError(
+                    "TensorBoard logging needs the tensorboard package: pip install tensorboard "
+                    "(or --logging.tensorboard=false)"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if wandb_project is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise LlamatronError(
+                    "logging.wandb_project needs the wandb package: pip install wandb (or leave the option unset)"
+                ) from None
+            self._wandb = wandb.init(project=wandb_project, name=run_name, dir=str(run_dir), config=config,
+                                     resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {
+            (key if key.startswith("valid") else f"train/{key}"): value
+            for key, value in record.items()
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         if self._tb is not None:
-            step = record["iteration"]
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(f"train/{key}" if not key.startswith("valid") else key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["iteration"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["iteration"])
 
     def close(self) -> None:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

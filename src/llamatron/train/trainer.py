@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from llamatron.checkpoint.dcp import is_run_checkpoint, resolve_checkpoint
 from llamatron.config.job import JobConfig
-from llamatron.errors import LlamatronError
+from llamatron.config.load import to_dict
+from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
@@ -54,6 +55,7 @@ class Trainer:
         self.config, self.env = config, env
         t, p = config.training, config.parallel
         dims = ParallelDims(world_size=env.world_size, tp=p.tp, pp=p.pp, cp=p.cp)
+        collect_problems(layout_problems(config, world_size=env.world_size), what="infeasible configuration")
         self.mesh = build_mesh(dims, device_type=env.device.type)
         self.dp_mesh = self.mesh["dp"]
         self.run = RunDir(Path(config.output), rank=env.rank)
@@ -166,7 +168,13 @@ class Trainer:
         self.run.prepare(config)
         self.resume_or_init()
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = MetricsWriter(self.run.root, tensorboard_dir=self.run.tensorboard_dir(config)) if self.env.rank == 0 else None
+        writer = None
+        if self.env.rank == 0:
+            writer = MetricsWriter(
+                self.run.root, tensorboard_dir=self.run.tensorboard_dir(config),
+                wandb_project=config.logging.wandb_project, run_name=config.logging.run_name,
+                config=to_dict(config),
+            )
         throughput = Throughput(
             world_size=self.env.world_size,
             flops_per_token=flops_per_token(self.model_config, seq_len=config.training.seq_len),
@@ -246,6 +254,18 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
+    """What only the process count reveals: the parallel degrees and the batch split."""
+    p, t = config.parallel, config.training
+    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp)
+    found = dims.problems()
+    if not found:
+        plan = BatchPlan(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                         dp_rank=0, dp_size=dims.dp)
+        found += plan.problems()
+    return found
 
 
 def unsupported_features(config: JobConfig) -> list[str]:
