@@ -60,10 +60,10 @@ class Attention(nn.Module):
         cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        # (batch, heads, seq, head_dim)
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # (batch, heads, seq, head_dim); -1: under tensor parallelism a rank holds heads / tp of them.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             kv_cache, layer_index = cache
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)  # (batch, seq, local heads * head_dim)
         return self.o_proj(out)
 
 
@@ -162,7 +162,8 @@ class Llama(nn.Module):
         document_ids: (batch, seq); attention stays within equal ids (packed samples).
         Returns logits (batch, seq, vocab), or the hidden state on a stage without the output layer."""
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        batch, seq = h.shape[:2]
+        # From the input, not h: with sequence parallelism h holds only this rank's part of the sequence.
+        seq = tokens.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + seq, device=h.device)

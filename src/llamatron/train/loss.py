@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llamatron.parallel.loss_parallel import is_vocab_parallel, vocab_parallel_cross_entropy
+
 IGNORE_INDEX = -100
 LOSS_KINDS = ("sequence", "token")
 
@@ -30,6 +32,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """fp32 cross entropy of every labelled position, and the mask that selected them.
     logits: (batch, seq, vocab), labels: (batch, seq) pre-shifted. Returns ((n_labelled,), (batch, seq))."""
     mask = labels != IGNORE_INDEX  # (batch, seq)
+    if is_vocab_parallel(logits):  # tensor parallelism: each rank holds a slice of the vocabulary
+        return vocab_parallel_cross_entropy(logits, labels, mask=mask), mask
     selected = logits[mask].float()  # (n_labelled, vocab)
     return F.cross_entropy(selected, labels[mask], reduction="none"), mask
 
