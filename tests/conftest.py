@@ -45,3 +45,14 @@ def tiny_config(**changes) -> LlamaConfig:
         bos_token_id=1, eos_token_id=2,
     )
     return base.replace(**changes)
+
+
+def write_random_corpus(prefix, *, seed: int, documents: int, vocab: int = 3000) -> None:
+    """A Megatron indexed dataset of random documents (20-149 tokens + EOD 128001) for trainer tests."""
+    import numpy as np
+
+    from llamatron.data.indexed import write_documents
+
+    rng = np.random.default_rng(seed)
+    docs = [[*rng.integers(0, vocab, size=int(rng.integers(20, 150))).tolist(), 128001] for _ in range(documents)]
+    write_documents(prefix, docs, dtype=np.int32)

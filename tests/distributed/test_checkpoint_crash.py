@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from llamatron.data.indexed import write_documents
+from tests.conftest import write_random_corpus
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -21,10 +20,8 @@ pytestmark = pytest.mark.xdist_group("train")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(2)
-    docs = [[*rng.integers(0, 3000, size=int(rng.integers(20, 150))).tolist(), 128001] for _ in range(200)]
     prefix = tmp_path_factory.mktemp("crash") / "corpus_text_document"
-    write_documents(prefix, docs, dtype=np.int32)
+    write_random_corpus(prefix, seed=2, documents=200)
     return prefix
 
 

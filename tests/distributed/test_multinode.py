@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamatron.data.indexed import write_documents
+from tests.conftest import write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "examples" / "llama3_1" / "run_mcore_llama3_1.sh"
@@ -29,10 +29,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(3)
-    docs = [[*rng.integers(0, 3000, size=int(rng.integers(20, 150))).tolist(), 128001] for _ in range(200)]
     prefix = tmp_path_factory.mktemp("mn") / "corpus_text_document"
-    write_documents(prefix, docs, dtype=np.int32)
+    write_random_corpus(prefix, seed=3, documents=200)
     return prefix
 
 

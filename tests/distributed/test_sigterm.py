@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from llamatron.data.indexed import write_documents
+from tests.conftest import write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.slow]
@@ -31,9 +30,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_sigterm_saves_and_resume_matches(tmp_path):
-    rng = np.random.default_rng(5)
-    docs = [[*rng.integers(0, 3000, size=int(rng.integers(20, 150))).tolist(), 128001] for _ in range(150)]
-    write_documents(tmp_path / "corpus", docs, dtype=np.int32)
+    write_random_corpus(tmp_path / "corpus", seed=5, documents=150)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
     subprocess.run(_cmd(straight, tmp_path / "corpus"), env=env, check=True, capture_output=True, timeout=600)

@@ -3,7 +3,6 @@ trained weights exactly (fp32), and eval/generate's loader reads the run directl
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from llamatron.checkpoint.hf import load_hf_model
 from llamatron.checkpoint.loader import detect_format, load_model
 from llamatron.checkpoint.mcore import load_mcore_model
 from llamatron.cli.main import main
-from llamatron.data.indexed import write_documents
+from tests.conftest import write_random_corpus
 
 pytestmark = pytest.mark.xdist_group("train")
 
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.xdist_group("train")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(4)
-    docs = [[*rng.integers(0, 3000, size=int(rng.integers(20, 150))).tolist(), 128001] for _ in range(120)]
-    write_documents(base / "corpus", docs, dtype=np.int32)
+    write_random_corpus(base / "corpus", seed=4, documents=120)
     code = main(["train", "--config", "tiny-debug", "--output", str(base / "run"), f"--data.data_path={base / 'corpus'}",
                  "--train-iters", "3", "--training.eval_interval=0"])
     assert code == 0

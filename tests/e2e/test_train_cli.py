@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llamatron.cli.main import main
-from llamatron.data.indexed import write_documents
+from tests.conftest import write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SFT = REPO / "src" / "llamatron" / "assets" / "sft" / "demo_alpaca.jsonl"
@@ -32,10 +32,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(1)
-    docs = [[*rng.integers(0, 5000, size=int(rng.integers(30, 200))).tolist(), 128001] for _ in range(300)]
     prefix = tmp_path_factory.mktemp("seed") / "wudao_llama3bpe_content_document"
-    write_documents(prefix, docs, dtype=np.int32)
+    write_random_corpus(prefix, seed=1, documents=300)
     return prefix
 
 
@@ -80,10 +78,10 @@ def test_seed_sft_example_runs_through_the_launcher(tmp_path):
 
 def test_model_parallel_options_are_refused_not_ignored(tmp_path, corpus, capsys):
     code = main(["train", "--config", "tiny-debug", "--output", str(tmp_path / "x"), f"--data.data_path={corpus}",
-                 "--tp", "2", "--parallel.activation_checkpoint=full"])
+                 "--tp", "2", "--training.precision=fp8"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "not yet supported" in err and "parallel.tp=2" in err and "activation_checkpoint=full" in err
+    assert "not yet supported" in err and "parallel.tp=2" in err and "training.precision=fp8" in err
     assert not (tmp_path / "x").exists()
 
 

@@ -23,32 +23,10 @@ eval_app = typer.Typer(
 )
 
 
-def _strip_launch_flags(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg.split("=", 1)[0] in _LAUNCH_FLAGS:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
-
-
 def _relaunch(argv: list[str], *, nproc: int) -> int:
-    from torch.distributed.run import get_args_parser, run
+    from llamatron.cli.launch import relaunch
 
-    eval_args = _strip_launch_flags(argv[argv.index("eval") + 1 :])
-    args = get_args_parser().parse_args(
-        [f"--nproc-per-node={nproc}", "--standalone", "-m", "llamatron.cli.main", "eval", *eval_args]
-    )
-    try:
-        run(args)
-    except Exception as err:  # torchrun's ChildFailedError: the workers printed their own errors
-        print(f"llamatron: error: evaluation failed: {type(err).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    return relaunch(argv, command="eval", launcher=[f"--nproc-per-node={nproc}", "--standalone"], strip=_LAUNCH_FLAGS)
 
 
 def _parse_batch_size(value: str) -> int | None:

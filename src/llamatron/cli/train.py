@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import typer
 
 _LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")
 
 
-def _strip_launch_flags(argv: list[str]) -> list[str]:
-    """The train arguments without the launcher's own (they must not reach the workers twice)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _LAUNCH_FLAGS:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
-
-
 def _launch_torchrun(
     argv: list[str], *, nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
 ) -> int:
-    from torch.distributed.run import get_args_parser, run
+    from llamatron.cli.launch import relaunch
 
-    train_args = _strip_launch_flags(argv[argv.index("train") + 1 :])
     launcher = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
                 f"--master-addr={master_addr}", f"--master-port={master_port}"]
     if nnodes == 1 and master_port == 0:
         launcher = [f"--nproc-per-node={nproc}", "--standalone"]
-    args = get_args_parser().parse_args([*launcher, "-m", "llamatron.cli.main", "train", *train_args])
-    try:
-        run(args)
-    except Exception as err:  # torchrun's ChildFailedError: the workers printed their own errors
-        print(f"llamatron: error: training failed: {type(err).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    return relaunch(argv, command="train", launcher=launcher, strip=_LAUNCH_FLAGS)
 
 
 def train_command(
