@@ -256,7 +256,7 @@ def mcore_to_hf(
                                                   tokenizer=tokenizer, max_shard_bytes=max_shard_bytes) as writer:
             pending = 0
             for name, tensor in reader.tensors():
-                writer.write(hf_name(name), tensor)
+                writer.write(hf_name(name), tensor, owned=True)  # merged afresh per layer
                 pending += tensor.numel() * dtype.itemsize
                 # merge_layer yields a layer's norms last: one progress step per layer
                 if not name.startswith("layers.") or name.endswith("post_attention_layernorm.weight"):

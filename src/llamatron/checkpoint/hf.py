@@ -297,7 +297,9 @@ class HFCheckpointWriter:
         self._tmp = self._context.__enter__()
         return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *, owned: bool = False) -> None:
+        """Queue `tensor` for the current shard. owned=True: the caller hands it over and will not
+        change it, so no defensive copy is made (converters pass freshly built tensors)."""
         assert self._tmp is not None, "use HFCheckpointWriter as a context manager"
         if self.config.tie_word_embeddings and name == "lm_head.weight":
             return  # tied: HF stores only the embedding
@@ -313,7 +315,7 @@ class HFCheckpointWriter:
                 f"tensor {name} has shape {tuple(tensor.shape)}, the config needs {self._expected[name]}"
             )
         converted = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        if converted.data_ptr() == tensor.data_ptr():
+        if converted.data_ptr() == tensor.data_ptr() and not owned:
             # Held until the shard is written: a copy keeps later in-place edits by the caller out of it.
             converted = converted.clone()
         tensor = converted
