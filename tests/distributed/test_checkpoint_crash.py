@@ -15,7 +15,6 @@ from tests.conftest import write_random_corpus
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-pytestmark = pytest.mark.xdist_group("train")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from tests.conftest import write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "examples" / "llama3_1" / "run_mcore_llama3_1.sh"
-pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

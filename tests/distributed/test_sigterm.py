@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _cmd(out: Path, corpus: Path) -> list[str]:

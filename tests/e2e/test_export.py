@@ -13,7 +13,6 @@ from llamatron.checkpoint.mcore import load_mcore_model
 from llamatron.cli.main import main
 from tests.conftest import write_random_corpus
 
-pytestmark = pytest.mark.xdist_group("train")
 
 
 @pytest.fixture(scope="module")

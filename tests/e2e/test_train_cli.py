@@ -18,7 +18,6 @@ from tests.conftest import write_random_corpus
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SFT = REPO / "src" / "llamatron" / "assets" / "sft" / "demo_alpaca.jsonl"
 LAUNCHER = REPO / "examples" / "llama3_1" / "run_mcore_llama3_1.sh"
-pytestmark = pytest.mark.xdist_group("train")
 
 
 def _env() -> dict[str, str]:
