@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     _checkpoint_without_reentrant_generator,
@@ -108,13 +109,20 @@ def _checkpoint_group(blocks: list[nn.Module], *, context_fn: Callable | None) -
 
     The model calls the blocks one by one, so the region is opened in the first block's forward
     pre-hook and closed in the last block's forward hook (as torch.distributed._composable.checkpoint
-    does for one module). Recomputation replays the group through the blocks' __call__ (so FSDP's
-    unshard hooks run) with our own hooks switched off. Blocks take (hidden, cos, sin, **kwargs); the
-    group passes the running hidden state and repeats the rest."""
+    does for one module). Recomputation must repeat exactly what ran inside the region (selective
+    checkpointing matches ops one by one): the first block's pre-hooks (FSDP's unshard among them) ran
+    before the region opened, so it is replayed through its plain `forward`, after unsharding it
+    ourselves if FSDP manages it (a no-op when its backward already did); the later blocks ran whole
+    inside the region and are replayed through __call__, with our own hooks switched off. Blocks take
+    (hidden, cos, sin, **kwargs); the group passes the running hidden state and repeats the rest."""
     state = _GroupState()
 
     def run_group(hidden: torch.Tensor, *rest: Any, **kwargs: Any) -> torch.Tensor:
-        for block in blocks:
+        first = blocks[0]
+        if isinstance(first, FSDPModule):
+            first.unshard()
+        hidden = first.forward(hidden, *rest, **kwargs)
+        for block in blocks[1:]:
             hidden = block(hidden, *rest, **kwargs)
         return hidden
 

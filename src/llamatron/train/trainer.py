@@ -22,8 +22,10 @@ from llamatron.config.job import JobConfig
 from llamatron.config.load import to_dict
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
+from llamatron.parallel.ac import apply_ac
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
+from llamatron.parallel.offload import offload_optimizer
 from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
@@ -66,11 +68,13 @@ class Trainer:
             dp_rank=self.dp_mesh.get_local_rank(), dp_size=dims.dp,
         )
         self.model, self.model_config = build_model_for_training(config, device=env.device)
+        apply_ac(self.model, mode=p.activation_checkpoint, layers=p.ac_layers)
         apply_fsdp(
             self.model, self.dp_mesh, param_dtype=compute_dtype(t.precision),
             shard=config.parallel.distributed_optimizer,
         )
         self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
+        self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
         self.schedule = LRSchedule(
             max_lr=config.optim.lr, min_lr=config.optim.min_lr, warmup_iters=self.schedule_info.warmup_iters,
             decay_iters=self.schedule_info.decay_iters, style=config.optim.decay_style,
@@ -274,10 +278,6 @@ def unsupported_features(config: JobConfig) -> list[str]:
     for name in ("tp", "pp", "cp", "virtual_pipeline"):
         if getattr(p, name) > 1:
             found.append(f"parallel.{name}={getattr(p, name)}")
-    if p.activation_checkpoint != "none":
-        found.append(f"parallel.activation_checkpoint={p.activation_checkpoint}")
-    if p.optimizer_offload != "none":
-        found.append(f"parallel.optimizer_offload={p.optimizer_offload}")
     if config.training.precision == "fp8":
         found.append("training.precision=fp8")
     return found
