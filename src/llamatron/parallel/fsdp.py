@@ -37,9 +37,9 @@ def apply_fsdp(
 
 
 def _replicate_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    from torch.distributed.device_mesh import init_device_mesh
-
     if mesh.size() == 1:
         return mesh
-    # Megatron's DO=false: every rank keeps whole parameters and optimizer state.
-    return init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+    # Megatron's DO=false: every rank keeps whole parameters and optimizer state. Unflattening the dp
+    # mesh (rather than a new init_device_mesh) keeps it a slice of the job's mesh, which FSDP requires
+    # to compose with tensor-parallel DTensors on the same mesh's "tp" axis.
+    return mesh._unflatten(0, (mesh.size(), 1), ("dp_replicate", "dp_shard"))

@@ -66,8 +66,11 @@ def init_distributed(device_name: str) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
-    """Sum a few scalars over all ranks in one collective (float64 keeps token counts exact)."""
+def all_reduce_sum(
+    values: list[float], *, device: torch.device, group: dist.ProcessGroup | None = None
+) -> list[float]:
+    """Sum a few scalars over `group` (default: all ranks) in one collective (float64 keeps token counts
+    exact). Per-batch values go over the data-parallel group: model-parallel ranks hold the same batch."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=group)
     return tensor.tolist()

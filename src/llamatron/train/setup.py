@@ -55,6 +55,18 @@ def _check_same_architecture(named: LlamaConfig, found: LlamaConfig, *, name: st
         )
 
 
+def resolve_model_config(config: JobConfig) -> LlamaConfig:
+    """The architecture a job trains, read without building anything (for checks before launch)."""
+    from llamatron.checkpoint.dcp import is_run_checkpoint, read_model_info, resolve_checkpoint
+
+    init_from = config.model.init_from
+    if init_from is None:
+        return _named_config(config.model.name or "tiny")
+    if is_run_checkpoint(Path(init_from)):
+        return read_model_info(resolve_checkpoint(Path(init_from)))[0]
+    return _init_source(init_from)[1]
+
+
 def build_model_for_training(
     config: JobConfig, *, device: torch.device, init_weights: bool = True
 ) -> tuple[Llama, LlamaConfig]:

@@ -26,6 +26,7 @@ from llamatron.parallel.ac import apply_ac
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
 from llamatron.parallel.offload import offload_optimizer
+from llamatron.parallel.tp import apply_tp, tp_problems
 from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
@@ -41,7 +42,7 @@ from llamatron.train.metrics import (
 from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
 from llamatron.train.precision import LossScaler, compute_dtype
 from llamatron.train.run_dir import RunDir, resolve_schedule
-from llamatron.train.setup import build_model_for_training
+from llamatron.train.setup import build_model_for_training, resolve_model_config
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,8 @@ class Trainer:
         collect_problems(layout_problems(config, world_size=env.world_size), what="infeasible configuration")
         self.mesh = build_mesh(dims, device_type=env.device.type)
         self.dp_mesh = self.mesh["dp"]
+        # Batch-wide sums (token counts, the logged loss) go over dp only: tp ranks see the same batch.
+        self.dp_group = self.dp_mesh.get_group()
         self.run = RunDir(Path(config.output), rank=env.rank)
         self.data: TrainData = build_train_data(config, dp_size=dims.dp)
         self.schedule_info = resolve_schedule(config, data=self.data)
@@ -68,6 +71,8 @@ class Trainer:
             dp_rank=self.dp_mesh.get_local_rank(), dp_size=dims.dp,
         )
         self.model, self.model_config = build_model_for_training(config, device=env.device)
+        # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
+        apply_tp(self.model, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
         apply_ac(self.model, mode=p.activation_checkpoint, layers=p.ac_layers)
         apply_fsdp(
             self.model, self.dp_mesh, param_dtype=compute_dtype(t.precision),
@@ -110,7 +115,7 @@ class Trainer:
         # backward, so gradients are exact whatever the ranks' shares and the accumulation.
         local_count = sum(count_units(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
                           for mb in micro_batches)
-        (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device)
+        (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device, group=self.dp_group)
         loss_sum = 0.0
         tokens = 0
         for mb in micro_batches:
@@ -125,7 +130,7 @@ class Trainer:
         self.scaler.unscale_(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        (loss_total,) = all_reduce_sum([loss_sum], device=self.env.device)
+        (loss_total,) = all_reduce_sum([loss_sum], device=self.env.device, group=self.dp_group)
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
         if skipped:
@@ -160,7 +165,7 @@ class Trainer:
             numerator += float(num)
             count += float(cnt)
         self.model.train()
-        numerator, count = all_reduce_sum([numerator, count], device=self.env.device)
+        numerator, count = all_reduce_sum([numerator, count], device=self.env.device, group=self.dp_group)
         if count == 0:
             return {}
         valid_loss = numerator / count
@@ -269,13 +274,15 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
         plan = BatchPlan(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                          dp_rank=0, dp_size=dims.dp)
         found += plan.problems()
+    if p.tp > 1:
+        found += tp_problems(resolve_model_config(config), p.tp)
     return found
 
 
 def unsupported_features(config: JobConfig) -> list[str]:
     """Settings that are valid but not built yet: refused with a clear message, never ignored."""
     p, found = config.parallel, []
-    for name in ("tp", "pp", "cp", "virtual_pipeline"):
+    for name in ("pp", "cp", "virtual_pipeline"):
         if getattr(p, name) > 1:
             found.append(f"parallel.{name}={getattr(p, name)}")
     if config.training.precision == "fp8":
@@ -288,7 +295,7 @@ def check_supported(config: JobConfig) -> None:
     if found:
         raise LlamatronError(
             f"not yet supported: {', '.join(found)} (model parallelism, activation checkpointing, optimizer "
-            "offload and fp8 arrive with the model-parallelism work); use tp=pp=cp=1, AC false, offload false, bf16"
+            "offload and fp8 arrive with the model-parallelism work); use pp=cp=1, AC false, offload false, bf16"
         )
 
 
