@@ -94,8 +94,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """`local` (a host tensor) shaped as `param`'s shard: a DTensor with the same mesh and placements."""
     if isinstance(param, DTensor) and local.dim() > 0:
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
+        # Not DTensor.from_local: it moves a host tensor to the mesh's device. This is how FSDP2's own
+        # CPU offload keeps host shards (same spec as the parameter: state has its shape and dtype).
+        return DTensor(local, param._spec, requires_grad=False)
     return local
 
 
@@ -105,6 +106,9 @@ class OffloadedAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable, *, offloaded: Iterable[torch.Tensor], **kwargs) -> None:
         super().__init__(params, **kwargs)
         self._offloaded = {id(p) for p in offloaded}
+        # id(param) -> (host shard, host gradient): reused every step; pinned on CUDA so both copies
+        # run at full PCIe speed and the copy back does not block the host.
+        self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def is_offloaded(self, param: torch.Tensor) -> bool:
         return id(param) in self._offloaded
@@ -133,20 +137,36 @@ class OffloadedAdamW(torch.optim.AdamW):
                 subsets.append({**group, "params": params})
         return subsets
 
+    def _host_buffers(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(param) not in self._host:
+            local = _local(param)
+            pin = local.device.type == "cuda"
+            self._host[id(param)] = (
+                torch.empty(local.shape, dtype=local.dtype, pin_memory=pin),
+                torch.empty(local.shape, dtype=local.dtype, pin_memory=pin),
+            )
+        return self._host[id(param)]
+
     def _host_step(self) -> None:
         # Host copies of the shards and gradients stand in for the parameters during torch's step.
         originals = [group["params"] for group in self.param_groups]
-        copies = []
+        copies, devices = [], set()
         for group in self.param_groups:
             hosts = []
             for param in group["params"]:
-                host = _local(param).detach().to("cpu", copy=True)
-                host.grad = _local(param.grad).to("cpu", copy=True)
+                host, host_grad = self._host_buffers(param)
+                host.copy_(_local(param), non_blocking=True)
+                host_grad.copy_(_local(param.grad), non_blocking=True)
+                host.grad = host_grad
+                devices.add(_local(param).device)
                 if param in self.state:
                     self.state[host] = {k: _local(v) for k, v in self.state.pop(param).items()}
                 hosts.append(host)
             group["params"] = hosts
             copies.append(hosts)
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the host values must be complete before the CPU reads them
         try:
             super().step()
         finally:
@@ -154,7 +174,9 @@ class OffloadedAdamW(torch.optim.AdamW):
                 for param, host in zip(params, hosts, strict=True):
                     if host in self.state:
                         self.state[param] = {k: _like(param, v) for k, v in self.state.pop(host).items()}
-                    _local(param).copy_(host, non_blocking=False)
+                    # Stream-ordered before the next step's copy into `host`, so the buffer can be reused.
+                    _local(param).copy_(host, non_blocking=True)
+                    host.grad = None
                 group["params"] = params
 
     def load_state_dict(self, state_dict: dict) -> None:
