@@ -14,7 +14,6 @@ import pytest
 
 from tests.distributed.test_train_dp import corpus, losses, run_train  # noqa: F401 - corpus is a fixture
 
-
 FULL_STATIC = ["--parallel.activation_checkpoint=full", "--parallel.ac_layers=2", "--parallel.optimizer_offload=static"]
 MORE = {
     "sel+auto": ["--parallel.activation_checkpoint=sel", "--parallel.optimizer_offload=auto"],
