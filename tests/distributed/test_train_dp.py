@@ -77,9 +77,11 @@ def test_data_parallel_sizes_give_the_same_losses(tmp_path, corpus):
 
 
 def test_resume_equals_straight_run(tmp_path, corpus):
+    # The interrupted run writes its checkpoints in the background (async_save); the straight one does not.
     straight = run_train(tmp_path / "straight", corpus)
-    run_train(tmp_path / "resumed", corpus, "--training.exit_interval=10")
-    resumed = run_train(tmp_path / "resumed", corpus)
+    run_train(tmp_path / "resumed", corpus, "--training.exit_interval=10", "--checkpoint.async_save=true")
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-0000010"
+    resumed = run_train(tmp_path / "resumed", corpus, "--checkpoint.async_save=true")
     assert [r["iteration"] for r in resumed] == list(range(1, 21))
     assert losses(resumed) == losses(straight)
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]

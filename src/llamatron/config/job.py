@@ -131,6 +131,9 @@ class CheckpointSection:
     """Keep this many most recent checkpoints (0: keep all)."""
     save_at_end: bool = True
     """Also save after the last iteration (benchmarks turn this off)."""
+    async_save: bool = False
+    """Write checkpoints in the background after staging them to CPU memory; a checkpoint becomes
+    `latest` once all ranks finished writing it."""
 
 
 @dataclass(kw_only=True)

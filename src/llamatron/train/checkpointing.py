@@ -6,7 +6,8 @@ Layout under the run directory:
     checkpoints/latest            the name of the newest complete checkpoint
 
 A checkpoint is written to `step-N.tmp`, renamed once every rank finished, and only then named in
-`latest`; a crash at any point leaves the previous checkpoint and marker intact. DCP reshards on
+`latest`; a crash at any point leaves the previous checkpoint and marker intact. Optionally the
+writing runs in the background (async_save). DCP reshards on
 load, so a checkpoint resumes at any data-parallel size.
 """
 
@@ -32,7 +33,7 @@ from llamatron.checkpoint.atomic import atomic_write_bytes
 from llamatron.checkpoint.dcp import STEP_DIR, latest_checkpoint, step_dir, write_model_info
 from llamatron.model import LlamaConfig
 
-__all__ = ["TrainState", "latest_checkpoint", "load_checkpoint", "load_model_weights", "save_checkpoint", "step_dir"]
+__all__ = ["CheckpointSaver", "TrainState", "latest_checkpoint", "load_checkpoint", "load_model_weights", "step_dir"]
 
 
 @dataclass(kw_only=True)
@@ -51,29 +52,57 @@ def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
     return state
 
 
-def save_checkpoint(
-    root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep_last: int,
-    model_config: LlamaConfig, tokenizer: str,
-) -> Path:
-    """Save collectively (every rank calls this); returns the final directory."""
-    final = step_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp))
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-        write_model_info(tmp, config=model_config, tokenizer=tokenizer)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic_write_bytes(root / "latest", final.name.encode())
-        _prune(root, keep_last=keep_last, keep=final)
-    dist.barrier()
-    return final
+class CheckpointSaver:
+    """Saves collectively (every rank calls `save`). With async_save the shards are staged to CPU memory,
+    written by a background thread while training goes on, and the checkpoint is renamed into place and
+    named in `latest` only once every rank finished writing (at the next save, or `wait()`)."""
+
+    def __init__(
+        self, root: Path, *, keep_last: int, model_config: LlamaConfig, tokenizer: str, async_save: bool = False
+    ) -> None:
+        self.root, self.keep_last = root, keep_last
+        self.model_config, self.tokenizer = model_config, tokenizer
+        # Background writes coordinate over their own gloo group, never the training group's NCCL stream.
+        self._group = dist.new_group(backend="gloo") if async_save else None
+        self._pending: tuple[object, Path, Path, TrainState] | None = None
+
+    def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path:
+        self.wait()
+        final = step_dir(self.root, state.iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        app_state = _app_state(model, optimizer)
+        if self._group is None:
+            dcp.save(app_state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final, state)
+        else:
+            future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
+            self._pending = (future, tmp, final, TrainState(**asdict(state)))
+        return final
+
+    def wait(self) -> None:
+        """Finish a background save, if one is running."""
+        if self._pending is None:
+            return
+        future, tmp, final, state = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(tmp, final, state)
+
+    def _finalize(self, tmp: Path, final: Path, state: TrainState) -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+            write_model_info(tmp, config=self.model_config, tokenizer=self.tokenizer)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_bytes(self.root / "latest", final.name.encode())
+            _prune(self.root, keep_last=self.keep_last, keep=final)
+        dist.barrier()
 
 
 def _prune(root: Path, *, keep_last: int, keep: Path) -> None:

@@ -85,6 +85,10 @@ class Trainer:
             decay_iters=self.schedule_info.decay_iters, style=config.optim.decay_style,
         )
         self.scaler = LossScaler(enabled=t.precision == "fp16")
+        self.saver = ckpt.CheckpointSaver(
+            self.run.checkpoints, keep_last=config.checkpoint.keep_last, model_config=self.model_config,
+            tokenizer=config.model.tokenizer, async_save=config.checkpoint.async_save,
+        )
         self.state = ckpt.TrainState()
         self._stop_requested = False
 
@@ -217,6 +221,7 @@ class Trainer:
                 reason = "SIGTERM" if stop else f"training.exit_interval={config.training.exit_interval}"
                 self.run.log(f"stopping at iteration {it} ({reason}); run the same command to continue")
                 break
+        self.saver.wait()
         if writer is not None:
             writer.close()
 
@@ -248,12 +253,8 @@ class Trainer:
         }
 
     def save(self) -> None:
-        path = ckpt.save_checkpoint(
-            self.run.checkpoints, model=self.model, optimizer=self.optimizer, state=self.state,
-            keep_last=self.config.checkpoint.keep_last, model_config=self.model_config,
-            tokenizer=self.config.model.tokenizer,
-        )
-        self.run.log(f"saved {path}")
+        path = self.saver.save(model=self.model, optimizer=self.optimizer, state=self.state)
+        self.run.log(f"saved {path}" + (" (writing in the background)" if self.config.checkpoint.async_save else ""))
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
