@@ -32,7 +32,6 @@ test-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
