@@ -14,7 +14,6 @@ from llamatron.cli.main import main
 from tests.conftest import write_random_corpus
 
 
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
