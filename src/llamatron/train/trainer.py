@@ -295,8 +295,8 @@ def check_supported(config: JobConfig) -> None:
     found = unsupported_features(config)
     if found:
         raise LlamatronError(
-            f"not yet supported: {', '.join(found)} (model parallelism, activation checkpointing, optimizer "
-            "offload and fp8 arrive with the model-parallelism work); use pp=cp=1, AC false, offload false, bf16"
+            f"not yet supported: {', '.join(found)} (pipeline and context parallelism, virtual stages and fp8 "
+            "are still being built); use pp=cp=1 and bf16"
         )
 
 
