@@ -50,6 +50,16 @@ def tp_problems(config: LlamaConfig, tp: int) -> list[str]:
     return found
 
 
+def sequence_problems(lengths: dict[str, int], tp: int) -> list[str]:
+    """Sequence parallelism splits every row's positions evenly over the tp ranks: each named length
+    (a config field -> its value) must divide by tp."""
+    return [
+        f"{name}={length} is not divisible by parallel.tp={tp} (sequence parallelism splits the sequence "
+        f"evenly); use a multiple of {tp} or parallel.sequence_parallel=false"
+        for name, length in lengths.items() if length % tp
+    ]
+
+
 class ReplicateParallel(ParallelStyle):
     """Parameters become Replicate DTensors on the tp mesh while inputs and outputs stay local tensors.
 

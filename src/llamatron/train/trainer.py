@@ -26,7 +26,7 @@ from llamatron.parallel.ac import apply_ac
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
 from llamatron.parallel.offload import offload_optimizer
-from llamatron.parallel.tp import apply_tp, tp_problems
+from llamatron.parallel.tp import apply_tp, sequence_problems, tp_problems
 from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
@@ -277,6 +277,10 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
         found += plan.problems()
     if p.tp > 1:
         found += tp_problems(resolve_model_config(config), p.tp)
+        if p.sequence_parallel:
+            lengths = {"training.seq_len": t.seq_len, **({"data.pad_len": config.data.pad_len}
+                                                         if config.data.pad_len else {})}
+            found += sequence_problems(lengths, p.tp)
     return found
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamatron.parallel.tp import tp_problems
+from llamatron.parallel.tp import sequence_problems, tp_problems
 from tests.conftest import tiny_config
 
 
@@ -22,3 +22,9 @@ def test_tp_problems_lists_every_problem(changes, tp, expected):
     assert len(found) == len(expected), found
     for problem, fragment in zip(found, expected, strict=True):
         assert fragment in problem
+
+
+def test_sequence_problems_name_each_length_that_tp_does_not_divide():
+    found = sequence_problems({"training.seq_len": 30, "data.pad_len": 32}, 4)
+    assert len(found) == 1 and found[0].startswith("training.seq_len=30 is not divisible by parallel.tp=4"), found
+    assert sequence_problems({"training.seq_len": 32}, 4) == []
