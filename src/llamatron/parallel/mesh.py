@@ -38,6 +38,11 @@ def build_mesh(dims: ParallelDims, *, device_type: str) -> DeviceMesh:
     """A mesh with named axes ("pp", "dp", "cp", "tp"), tp innermost so it stays within a node."""
     if dims.problems():
         raise LlamatronError("; ".join(dims.problems()))
-    return init_device_mesh(
+    mesh = init_device_mesh(
         device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=("pp", "dp", "cp", "tp")
     )
+    if dims.dp > 1 and dims.tp > 1:
+        # FSDP x TP parameters live on the (dp, tp) sub-mesh; with its flattened form registered, DTensor
+        # reduces over both axes in one collective (the gradient norm) instead of one per axis.
+        mesh["dp", "tp"]._flatten("dp_tp")
+    return mesh
