@@ -4,7 +4,8 @@ The CPU tests (tests/distributed/test_tp.py) run the same comparison on gloo; th
 with NCCL, fp32 (TF32 off), a larger random model, packed documents and both SP settings, and writes
 the largest relative errors as JSON.
 
-    torchrun --standalone --nproc-per-node 2 bench/tp_check.py --out tp_check.json
+    torchrun --standalone --nproc-per-node 2 bench/tp_check.py --out tp_check.json   # tp2
+    torchrun --standalone --nproc-per-node 4 bench/tp_check.py --out tp_check.json   # dp2 x tp2 with FSDP2
 """
 
 from __future__ import annotations
@@ -66,26 +67,42 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("tp",))
+    # With 4 GPUs: dp2 x tp2 on the trainer's mesh, FSDP2 over dp (sharded and replicated) on top of TP.
+    # Every dp rank gets the same batch, so FSDP's averaged gradient equals the plain model's.
+    fsdp_modes = (True, False) if world == 4 else (None,)
+    if world == 4:
+        from llamatron.parallel.mesh import ParallelDims, build_mesh
+
+        job_mesh = build_mesh(ParallelDims(world_size=world, tp=2), device_type="cuda")
+        mesh = job_mesh["tp"]
+    else:
+        mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("tp",))
     config = LlamaConfig(vocab_size=32000, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=4,
                          ffn_hidden_size=1408, max_position_embeddings=4096)
     results = []
-    for sequence_parallel in (True, False):
-        for packed in (False, True):
-            plain = build_model(config, device=device, seed=3)
-            parallel = copy.deepcopy(plain)
-            apply_tp(parallel, mesh, sequence_parallel=sequence_parallel, loss_parallel=True)
-            batch = _batch(config.vocab_size, device=device, seq=256)
-            want_logits, want_loss = _step(plain, batch, packed=packed)
-            got_logits, got_loss = _step(parallel, batch, packed=packed)
-            grads = dict(parallel.named_parameters())
-            grad_errors = {name: _rel(full_tensor(grads[name].grad), p.grad) for name, p in plain.named_parameters()}
-            worst = max(grad_errors, key=grad_errors.get)
-            results.append({
-                "sequence_parallel": sequence_parallel, "packed": packed,
-                "logits_rel": _rel(got_logits, want_logits), "loss_rel": _rel(got_loss, want_loss),
-                "grad_rel_max": grad_errors[worst], "grad_rel_worst_param": worst,
-            })
+    cases = [(sp, packed, shard) for sp in (True, False) for packed in (False, True) for shard in fsdp_modes]
+    for sequence_parallel, packed, shard in cases:
+        plain = build_model(config, device=device, seed=3)
+        parallel = copy.deepcopy(plain)
+        apply_tp(parallel, mesh, sequence_parallel=sequence_parallel, loss_parallel=True)
+        if shard is not None:
+            from llamatron.parallel.fsdp import apply_fsdp
+
+            apply_fsdp(parallel, job_mesh["dp"], param_dtype=torch.float32, shard=shard)
+        batch = _batch(config.vocab_size, device=device, seq=256)
+        want_logits, want_loss = _step(plain, batch, packed=packed)
+        got_logits, got_loss = _step(parallel, batch, packed=packed)
+        grads = dict(parallel.named_parameters())
+        grad_errors = {name: _rel(full_tensor(grads[name].grad), p.grad) for name, p in plain.named_parameters()}
+        worst = max(grad_errors, key=grad_errors.get)
+        want_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e9)
+        got_norm = full_tensor(torch.nn.utils.clip_grad_norm_(parallel.parameters(), 1e9))
+        results.append({
+            "sequence_parallel": sequence_parallel, "packed": packed, "fsdp_shard": shard,
+            "grad_norm_rel": _rel(got_norm, want_norm),
+            "logits_rel": _rel(got_logits, want_logits), "loss_rel": _rel(got_loss, want_loss),
+            "grad_rel_max": grad_errors[worst], "grad_rel_worst_param": worst,
+        })
     if dist.get_rank() == 0:
         report = {"device": torch.cuda.get_device_name(device), "world_size": world, "torch": torch.__version__,
                   "results": results}
