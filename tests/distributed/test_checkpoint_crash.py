@@ -31,7 +31,7 @@ def _args(out: Path, corpus: Path) -> list[str]:
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
 
 def _losses(out: Path) -> list[float]:

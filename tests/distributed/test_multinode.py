@@ -50,14 +50,14 @@ def _train_args(out: Path, corpus: Path) -> list[str]:
 
 def _wait_all(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=1500)
         assert proc.returncode == 0, err[-3000:]
 
 
 def test_two_launchers_with_nnodes_2_match_one_node(tmp_path, corpus):
     single = tmp_path / "single"
     subprocess.run([sys.executable, "-m", "llamatron.cli.main", *_train_args(single, corpus)], env=_env(),
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=1500)
     port = str(_free_port())
     out = tmp_path / "two-nodes"
     procs = [
@@ -77,7 +77,7 @@ def test_seed_dlc_mode_on_two_simulated_nodes(tmp_path, corpus):
             "false", "false", "false", "1000", str(corpus), str(corpus), "none", "4096", "0"]
     dsw = tmp_path / "dsw"
     subprocess.run(["bash", str(LAUNCHER), *["dsw", *args[1:]], str(dsw)],
-                   env=_env(GPUS_PER_NODE="2"), check=True, capture_output=True, timeout=600)
+                   env=_env(GPUS_PER_NODE="2"), check=True, capture_output=True, timeout=1500)
     port = str(_free_port())
     dlc = tmp_path / "dlc"
     procs = [

@@ -35,7 +35,7 @@ def corpus(tmp_path_factory) -> Path:
     return prefix
 
 
-def run_train(out: Path, corpus: Path, *extra: str, nproc: int = 1, timeout: int = 300) -> list[dict]:
+def run_train(out: Path, corpus: Path, *extra: str, nproc: int = 1, timeout: int = 1500) -> list[dict]:
     cmd = [
         sys.executable, "-m", "llamatron.cli.main", "train", "--config", "tiny-debug",
         "--output", str(out), f"--data.data_path={corpus}", *extra,

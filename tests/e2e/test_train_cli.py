@@ -53,7 +53,7 @@ def test_seed_pretraining_example_runs_through_the_launcher(tmp_path, corpus):
     # The seed's example, arguments as written except MODEL_SIZE (tiny) and paths; TP=PP=CP=1.
     args = ["dsw", "tiny", "1", "8", "1e-5", "1e-6", "128", "128", "bf16", "1", "1", "1", "true", "true", "true",
             "false", "false", "false", "100000", str(corpus), str(corpus), "none", "10000", "100", str(tmp_path)]
-    proc = subprocess.run(["bash", str(LAUNCHER), *args], env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", str(LAUNCHER), *args], env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "checkpoint").iterdir())
     assert len(runs) == 1
@@ -68,7 +68,7 @@ def test_seed_sft_example_runs_through_the_launcher(tmp_path):
     args = ["dsw", "tiny", "1", "8", "1e-5", "1e-6", "128", "128", "bf16", "1", "1", "1", "true", "true", "true",
             "true", "false", "false", "100000", str(DEMO_SFT), str(DEMO_SFT), "none", "4", "1", str(tmp_path)]
     env = {**_env(), "MP_DATASET_TYPE": "raw"}
-    proc = subprocess.run(["bash", str(LAUNCHER), *args], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", str(LAUNCHER), *args], env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = list((tmp_path / "checkpoint").iterdir())
     assert run.name.startswith("finetune-mcore-llama3-1-tiny-") and run.name.endswith("-ti-4-wi-1")
