@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +17,6 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env_from_slurm() -> None:
@@ -42,12 +35,9 @@ def _env_from_slurm() -> None:
 def init_distributed(device_name: str) -> DistEnv:
     """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs."""
     _env_from_slurm()
-    if "RANK" not in os.environ:
-        os.environ.update(
-            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
-        )
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if device_name not in ("auto", "cpu", "cuda"):
@@ -62,7 +52,13 @@ def init_distributed(device_name: str) -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        device_id = device if use_cuda else None
+        if launched:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            # One process without a launcher: an in-memory store, no port to claim and no environment
+            # variables left behind for the processes this one may start later.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
