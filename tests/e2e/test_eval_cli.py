@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +40,15 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def _eval(model: Path, out: Path, *extra: str) -> dict:
-    code = main(["eval", "--model", str(model), "--tasks", "cmmlu", "--data-dir", str(DEMO), "--limit", "3",
-                 "--shots", "1", "--device", "cpu", "--output", str(out), "--log-samples", *extra])
-    assert code == 0
+    args = ["eval", "--model", str(model), "--tasks", "cmmlu", "--data-dir", str(DEMO), "--limit", "3",
+            "--shots", "1", "--device", "cpu", "--output", str(out), "--log-samples", *extra]
+    if "--nproc-per-node" in extra:
+        # torchrun's agent runs in its own process: inside the test process it inherits pytest's state.
+        proc = subprocess.run([sys.executable, "-m", "llamatron.cli.main", *args], capture_output=True, text=True,
+                              timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        assert main(args) == 0
     return json.loads(out.read_text(encoding="utf-8"))
 
 
