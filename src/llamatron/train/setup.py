@@ -32,10 +32,10 @@ def _init_source(init_from: str) -> tuple[str, LlamaConfig]:
         from llamatron.checkpoint.hf import HFCheckpointReader
 
         return "hf", HFCheckpointReader(path).config
-    from llamatron.checkpoint.mcore import is_mcore_checkpoint, read_mcore_config
+    from llamatron.checkpoint.mcore import McoreCheckpointReader, is_mcore_checkpoint
 
     if is_mcore_checkpoint(path):
-        return "mcore", read_mcore_config(path)
+        return "mcore", McoreCheckpointReader(path).config
     raise LlamatronError(
         f"model.init_from {init_from}: not a HF directory (config.json), a Megatron-Core checkpoint "
         "(latest_checkpointed_iteration.txt) or a llamatron run"
