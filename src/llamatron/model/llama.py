@@ -11,6 +11,8 @@ already a hidden state; without norm/lm_head the output is the hidden state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,10 +158,16 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        output_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """tokens: (batch, seq) ids, or (batch, seq, hidden) on a pipeline stage without embeddings.
         positions: (batch, seq) or (seq,), default 0..seq-1 (after the cache's length when decoding).
         document_ids: (batch, seq); attention stays within equal ids (packed samples).
+        output_fn(hidden, weight): runs instead of the output layer on the final normed hidden state
+        (batch, seq, hidden) and the output layer's weight (vocab, hidden), and its result is returned; a
+        fused output layer + loss (train/fused_loss.py) that never materialises the logits runs here, inside
+        the model's call, where FSDP has gathered the weight. `lambda hidden, weight: hidden` returns the
+        hidden state.
         Returns logits (batch, seq, vocab), or the hidden state on a stage without the output layer."""
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         # From the input, not h: with sequence parallelism h holds only this rank's part of the sequence.
@@ -178,6 +186,8 @@ class Llama(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
+            if output_fn is not None:
+                return output_fn(h, self.lm_head.weight)
             h = self.lm_head(h)
         return h
 

@@ -14,7 +14,9 @@ per micro-batch: the gradients are then exactly those of the global-batch loss.
   A sample with no labelled token is not counted.
 
 Cross entropy runs in fp32 on the logits of the labelled positions only (the masked ones are never
-upcast), so an SFT batch of mostly prompt tokens costs little extra memory.
+upcast), so an SFT batch of mostly prompt tokens costs little extra memory. Both kinds are a weighted sum
+of token losses (token_weights); fused_loss.py computes the same numerator from the hidden state without
+materialising the logits.
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def count_units(labels: torch.Tensor, *, kind: str = "sequence", document_ids: t
         return int(mask.sum())
     _check_kind(kind)
     return int(torch.unique(sequence_ids(labels, document_ids)[mask]).numel())
+
+
+def token_weights(
+    labels: torch.Tensor, *, kind: str = "sequence", document_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each loss kind as a weighted sum of token losses: the labelled positions (batch, seq), every labelled
+    token's weight (n_labelled,) fp32 in the order of mask's True entries, and the denominator.
+    "token": weight 1, denominator the labelled tokens; "sequence": weight 1 / (its sequence's labelled
+    tokens), denominator the sequences with a labelled token."""
+    _check_kind(kind)
+    mask = labels != IGNORE_INDEX  # (batch, seq)
+    if kind == "token":
+        weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)[mask]
+        return mask, weights, int(weights.numel())
+    ids = sequence_ids(labels, document_ids)[mask]  # (n_labelled,)
+    unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return mask, 1.0 / counts[inverse].to(torch.float32), int(unique.numel())
 
 
 def loss_parts(
