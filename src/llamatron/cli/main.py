@@ -16,8 +16,8 @@ import typer
 COMMAND_MODULES = [
     "convert", "check",
     "preprocess", "preprocess_sft", "data",
-    "train", "export", "eval",
-    "generate",
+    "train", "plan", "export", "eval",
+    "generate", "report",
     "quickstart",
 ]
 

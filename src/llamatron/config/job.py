@@ -85,6 +85,15 @@ class TrainingSection:
     """Abort after this many steps skipped for a non-finite loss or gradient norm."""
     device: str = "auto"
     """cpu, cuda or auto."""
+    fused_loss: bool = True
+    """Output layer and cross entropy fused, in chunks of tokens (train/fused_loss.py): the logits, and their
+    fp32 copy for the loss, never exist for the whole micro-batch (8B, 8192 tokens: ~10 GiB less). Same
+    loss and gradients as the plain path (fp32: within 1e-6). Used where it applies: tensor parallelism
+    keeps its vocabulary-parallel loss (which never gathers the logits either), and fp16 keeps the plain
+    loss (gradients computed before the loss scale would underflow in fp16)."""
+    compile: bool = False
+    """torch.compile each transformer block (parallel/compile.py; after TP and activation checkpointing,
+    before FSDP, as torchtitan). The first steps are slower while the blocks compile."""
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from llamatron.config.load import to_dict
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
 from llamatron.parallel.ac import apply_ac
+from llamatron.parallel.compile import apply_compile
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
 from llamatron.parallel.offload import offload_optimizer
@@ -31,6 +33,7 @@ from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.data import TrainData, build_train_data
 from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from llamatron.train.fused_loss import fused_loss_parts, use_fused_loss
 from llamatron.train.loss import count_units, loss_parts
 from llamatron.train.metrics import (
     MetricsWriter,
@@ -74,6 +77,7 @@ class Trainer:
         # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
         apply_tp(self.model, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
         apply_ac(self.model, mode=p.activation_checkpoint, layers=p.ac_layers)
+        apply_compile(self.model, enabled=t.compile)
         apply_fsdp(
             self.model, self.dp_mesh, param_dtype=compute_dtype(t.precision),
             shard=config.parallel.distributed_optimizer,
@@ -124,8 +128,7 @@ class Trainer:
         tokens = 0
         for mb in micro_batches:
             mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
-            logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
-            numerator, _ = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            numerator, _ = self._forward_loss(mb, kind=kind)
             loss = numerator / max(global_count, 1.0)
             # FSDP averages gradients over data-parallel ranks; undo that to keep the global-batch sum.
             self.scaler.scale(loss * self.plan.dp_size).backward()
@@ -144,6 +147,18 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update(found_inf=skipped)
         return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+
+    def _forward_loss(self, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
+        """Forward and (numerator, count) of a micro-batch: the output layer fused with the loss where it
+        applies (train/fused_loss.py: no full logits), else the loss of the logits."""
+        kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
+        t = self.config.training
+        if not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp, precision=t.precision):
+            logits = self.model(mb["tokens"], **kwargs)
+            return loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+        output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
+                            loss_weights=mb.get("loss_weights"), compile_backend="inductor" if t.compile else None)
+        return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
 
     def _loss_kind(self) -> str:
         if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":
