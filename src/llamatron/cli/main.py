@@ -16,7 +16,7 @@ import typer
 COMMAND_MODULES = [
     "convert", "check",
     "preprocess", "preprocess_sft", "data",
-    "train", "plan", "export", "eval",
+    "train", "export", "eval",
     "generate", "report",
     "quickstart",
 ]
