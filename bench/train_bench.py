@@ -1,13 +1,19 @@
-"""Training throughput of `llamatron train` on random tokens: tokens/s per GPU, MFU, peak memory.
+"""Training throughput of `llamatron train` on random tokens: tokens/s per GPU, MFU, peak memory, against
+HF transformers on the same card in the same command (issue 8 scenario (a)).
 
-One command per scenario, e.g. on one GPU:
-    python bench/train_bench.py --model llama3.2-1b --seq-len 4096 --micro-batch 2 --steps 20 --out bench.json
-and on N GPUs of one node (FSDP over all of them):
-    python bench/train_bench.py --model llama3.1-8b --seq-len 8192 --nproc 2 --steps 15
+The speed matrix on one GPU (each variant a separate training process, one after another):
+    python bench/train_bench.py --model llama3.2-1b --seq-len 4096 --micro-batch 2 --steps 15 \\
+        --variants hf,eager,fused,compile,fused+compile --out bench.json
+Variants: hf (bench/hf_train_baseline.py), eager (plain loss, no compile), fused (fused output layer + loss),
+compile (compiled blocks), fused+compile, default (the trainer's defaults). On N GPUs of one node (FSDP over
+all of them): --nproc N.
 
-The figures are the trainer's own logged ones (metrics.jsonl), averaged after --warmup-steps, so the
-bench and the trainer cannot disagree. FLOPs per token: 6 * N + 12 * L * H * d * T (N without the input
-embedding), against 989 TFLOP/s dense bf16 for H100/H200.
+Figures: for llamatron the trainer's own per-step records (metrics.jsonl, one per step): tokens/s =
+tokens of the steps after --warmup-steps / their summed step time, as hf_train_baseline.py aggregates
+(tokens per step / mean step time); the trainer's logged per-step rates, averaged, are reported beside
+it ("logged"), so the trainer's log and the bench cannot disagree unseen. MFU: 6 * N + 12 * L * H * d * T
+FLOPs per token (N without the input embedding; train/metrics.py) against 989 TFLOP/s dense bf16 for
+H100/H200. Peak memory: torch.cuda.max_memory_allocated of rank 0.
 """
 
 from __future__ import annotations
@@ -15,13 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+
+# name -> trainer overrides; None for the HF baseline
+VARIANTS: dict[str, list[str] | None] = {
+    "hf": None,
+    "default": [],
+    "eager": ["--training.fused_loss=false", "--training.compile=false"],
+    "fused": ["--training.fused_loss=true", "--training.compile=false"],
+    "compile": ["--training.fused_loss=false", "--training.compile=true"],
+    "fused+compile": ["--training.fused_loss=true", "--training.compile=true"],
+}
 
 
 def write_random_corpus(prefix: Path, *, tokens: int, vocab: int, seed: int = 0) -> None:
@@ -36,6 +52,67 @@ def write_random_corpus(prefix: Path, *, tokens: int, vocab: int, seed: int = 0)
             remaining -= length
 
 
+def run_trainer(run_dir: Path, overrides: list[str], *, nproc: int, timeout: float) -> tuple[list[dict], float]:
+    """`llamatron train` in a subprocess; its metrics.jsonl records and the wall time."""
+    cmd = [sys.executable, "-m", "llamatron.cli.main", "train", "--output", str(run_dir), *overrides]
+    if nproc > 1:
+        cmd += ["--nproc-per-node", str(nproc)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records, wall
+
+
+def summarize(records: list[dict], *, warmup_steps: int, tokens_per_step: int, gpus: int,
+              flops_per_token: float, peak_tflops: float | None) -> dict:
+    """Throughput over the records after the warm-up ones (one record per step: logging.log_interval=1)."""
+    steady = records[warmup_steps:]
+    if not steady:
+        raise ValueError(f"{len(records)} steps logged, none after {warmup_steps} warm-up steps; raise --steps")
+    mean_step = sum(r["step_time_s"] for r in steady) / len(steady)
+    per_gpu = tokens_per_step / mean_step / gpus
+    logged_mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    return {
+        "tokens_per_s_per_gpu": per_gpu,
+        "mfu": per_gpu * flops_per_token / (peak_tflops * 1e12) if peak_tflops else None,
+        "step_time_s": mean_step,
+        "logged_tokens_per_s_per_gpu": float(np.mean([r["tokens_per_s_per_gpu"] for r in steady])),
+        "logged_mfu": float(np.mean(logged_mfu)) if logged_mfu else None,
+        "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in records),
+        "first_step_s": records[0]["step_time_s"],
+        "losses": [r["loss"] for r in records],
+    }
+
+
+def table(rows: list[dict], *, baseline: str | None) -> str:
+    """A Markdown table of the variants (the ratio column against `baseline`'s tokens/s)."""
+    base = next((r["tokens_per_s_per_gpu"] for r in rows if r["variant"] == baseline), None)
+    lines = ["| variant | tokens/s/GPU | MFU | peak memory GiB | " + (f"vs {baseline} | " if base else "")
+             + "first step s | wall s |",
+             "|---|---|---|---|" + ("---|" if base else "") + "---|---|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        ratio = f"{r['tokens_per_s_per_gpu'] / base:.2f}x | " if base else ""
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+                     f"{ratio}{first} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_hf(args: argparse.Namespace, work: Path) -> dict:
+    out = work / "hf.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("hf_train_baseline.py")), "--model", args.model,
+           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+           "--warmup-steps", str(args.warmup_steps), "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, timeout=args.timeout)
+    result = json.loads(out.read_text())
+    return {**result, "variant": "hf", "wall_s": time.perf_counter() - start, "first_step_s": None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3.2-1b")
@@ -46,46 +123,63 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--extra", nargs="*", default=[], help="more --section.field=value overrides")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script at tiny scale")
+    parser.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--extra", nargs="*", default=[], help="more --section.field=value overrides for every run")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default="train_bench.json")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+
+    import torch
 
     from llamatron.model import preset
+    from llamatron.train.metrics import device_peak_tflops, flops_per_token
 
     config = preset(args.model)
     global_batch = args.micro_batch * args.nproc * args.grad_accum
+    device = torch.device(args.device)
+    peak = device_peak_tflops(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    fpt = flops_per_token(config, seq_len=args.seq_len)
     work = Path(tempfile.mkdtemp(prefix="llamatron-bench-"))
     corpus = work / "random_text_document"
     write_random_corpus(corpus, tokens=(args.steps + 2) * global_batch * (args.seq_len + 1) * 102 // 100,
                         vocab=config.vocab_size)
-    cmd = [
-        sys.executable, "-m", "llamatron.cli.main", "train", "--output", str(work / "run"),
+    common = [
         f"--model.name={args.model}", f"--data.data_path={corpus}", "--data.split=100,0,0",
         f"--training.seq_len={args.seq_len}", f"--training.micro_batch_size={args.micro_batch}",
         f"--training.global_batch_size={global_batch}", f"--train-iters={args.steps}",
-        f"--training.precision={args.precision}", "--training.eval_interval=0", "--training.device=cuda",
+        f"--training.precision={args.precision}", "--training.eval_interval=0", f"--training.device={args.device}",
         "--checkpoint.save_interval=1000000", "--checkpoint.save_at_end=false", "--logging.tensorboard=false",
-        "--optim.lr=1e-4", "--optim.min_lr=1e-5", *args.extra,
+        "--logging.log_interval=1", "--optim.lr=1e-4", "--optim.min_lr=1e-5",
     ]
-    if args.nproc > 1:
-        cmd += ["--nproc-per-node", str(args.nproc)]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        print(f"training failed with exit code {proc.returncode}", file=sys.stderr)
-        return proc.returncode
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    steady = records[args.warmup_steps :]
+    rows = []
+    for variant in variants:
+        print(f"== {variant}", flush=True)
+        if VARIANTS[variant] is None:
+            rows.append(run_hf(args, work))
+            continue
+        records, wall = run_trainer(work / f"run-{variant}", [*common, *VARIANTS[variant], *args.extra],
+                                    nproc=args.nproc, timeout=args.timeout)
+        summary = summarize(records, warmup_steps=args.warmup_steps, tokens_per_step=global_batch * args.seq_len,
+                            gpus=args.nproc, flops_per_token=fpt, peak_tflops=peak)
+        rows.append({"variant": variant, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall, **summary})
     result = {
         "model": args.model, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gpus": args.nproc,
         "global_batch": global_batch, "precision": args.precision, "steps": args.steps,
-        "tokens_per_s_per_gpu": statistics.mean(r["tokens_per_s_per_gpu"] for r in steady),
-        "mfu": statistics.mean(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
-        "peak_memory_gib": max(r["peak_memory_gib"] or 0 for r in records),
-        "losses": [r["loss"] for r in records],
-        "extra": args.extra,
+        "warmup_steps": args.warmup_steps, "flops_per_token": fpt, "peak_tflops": peak,
+        "device": torch.cuda.get_device_name(device) if peak is not None else args.device,
+        "torch": torch.__version__, "runs": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
+    baseline = "hf" if "hf" in variants else ("eager" if "eager" in variants else None)
+    print(f"\n{args.model}, sequence {args.seq_len}, micro batch {args.micro_batch}, {args.nproc} GPU(s), "
+          f"{args.precision}, {result['device']}, torch {torch.__version__}")
+    print(table(rows, baseline=baseline))
+    print(f"written {args.out}")
     return 0
 
 
