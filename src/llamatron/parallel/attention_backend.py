@@ -1,0 +1,159 @@
+"""Which SDPA kernel computes attention: the user's choice applied with torch.nn.attention.sdpa_kernel,
+and a start-up probe that names the kernel that actually ran.
+
+The model calls F.scaled_dot_product_attention; PyTorch walks the enabled backends in priority order and
+takes the first that accepts the inputs (device, dtype, head dim, mask, GQA). So a choice is a list of
+enabled backends in priority order:
+- `auto` with `prefer_flash` (the seed's FL=true): every backend, flash first (PyTorch's own order);
+- `auto` without it (FL=false): flash left out, cuDNN first (Megatron's fused attention);
+- a named backend: that one alone, so it runs or the probe fails naming those that would.
+Which backend won shows only in the aten op that runs, so the probe runs one attention forward and
+backward with the job's shapes and dtype under a dispatch mode and reads the op.
+
+The context must cover backward as well as forward: activation checkpointing recomputes the forward
+during backward, and it has to pick the same kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llamatron.errors import LlamatronError
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+_SDP = {
+    "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+}
+# The fused kernels' aten ops; the math backend decomposes into matmuls and a softmax instead.
+_KERNEL_OPS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU kernel)",
+    "_scaled_dot_product_efficient_attention": "efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_fused_attention_overrideable": "overrideable",
+}
+
+
+def backend_order(choice: str, *, prefer_flash: bool = True) -> list[str]:
+    """The backends enabled for `choice`, highest priority first."""
+    if choice not in ATTENTION_BACKENDS:
+        raise LlamatronError(f"parallel.attention_backend={choice!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if choice != "auto":
+        return [choice]
+    return ["flash", "efficient", "math", "cudnn"] if prefer_flash else ["cudnn", "efficient", "math"]
+
+
+@contextmanager
+def attention_context(order: list[str]) -> Iterator[None]:
+    """Enable exactly `order`'s backends, in that priority, for the SDPA calls inside."""
+    with sdpa_kernel([_SDP[name] for name in order], set_priority=len(order) > 1):
+        yield
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionShape:
+    """One attention call of the job, as one rank sees it."""
+
+    batch: int
+    heads: int
+    """Query heads on this rank (num_heads / tp)."""
+    kv_heads: int
+    seq: int
+    head_dim: int
+    packed: bool
+    """Packed samples: a (batch, 1, seq, seq) boolean document mask instead of is_causal."""
+
+    def describe(self) -> str:
+        mask = "document mask" if self.packed else "causal"
+        return (f"batch {self.batch}, {self.heads} heads / {self.kv_heads} KV heads, seq {self.seq}, "
+                f"head dim {self.head_dim}, {mask}")
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _run_attention(shape: AttentionShape, *, device: torch.device, dtype: torch.dtype) -> str:
+    """One forward and backward with `shape`; returns the backend whose kernel ran (math if none did)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(heads: int) -> torch.Tensor:  # (batch, heads, seq, head_dim)
+        return torch.randn(shape.batch, heads, shape.seq, shape.head_dim, device=device, dtype=dtype,
+                           generator=gen).requires_grad_()
+
+    q, k, v = rand(shape.heads), rand(shape.kv_heads), rand(shape.kv_heads)
+    mask = None
+    if shape.packed:
+        # Two documents: the mask the model builds from document_ids (causal within each).
+        doc = (torch.arange(shape.seq, device=device) >= shape.seq // 2).long()
+        causal = torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()
+        mask = ((doc[:, None] == doc[None, :]) & causal).expand(shape.batch, 1, shape.seq, shape.seq)
+    with _OpRecorder() as recorder:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=shape.kv_heads != shape.heads)
+    out.float().sum().backward()
+    ran = [_KERNEL_OPS[op] for op in recorder.ops if op in _KERNEL_OPS]
+    return ran[0] if ran else "math"
+
+
+def _try(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype) -> tuple[str | None, str]:
+    """(backend that ran, or None; PyTorch's reasons when none could)."""
+    with warnings.catch_warnings(record=True) as caught, attention_context(order):
+        warnings.simplefilter("always")
+        try:
+            return _run_attention(shape, device=device, dtype=dtype), ""
+        except RuntimeError as err:
+            # PyTorch warns why each enabled backend refused; its error itself only says none was left.
+            reasons = [str(w.message).strip() for w in caught if issubclass(w.category, UserWarning)]
+            return None, " ".join(dict.fromkeys(reasons)) or f"no enabled kernel accepts these inputs ({err})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionBackend:
+    """The choice, its backend order, and what the probe found running."""
+
+    choice: str
+    order: tuple[str, ...]
+    ran: str
+    shape: AttentionShape
+    dtype: torch.dtype
+
+    def context(self):
+        """Wrap forward and backward (and evaluation) in this."""
+        return attention_context(list(self.order))
+
+    def describe(self) -> str:
+        return (f"attention backend: {self.ran} (parallel.attention_backend={self.choice}, enabled in order: "
+                f"{', '.join(self.order)}; probed with {self.shape.describe()}, {str(self.dtype).removeprefix('torch.')})")
+
+
+def select_attention_backend(
+    choice: str, *, prefer_flash: bool, shape: AttentionShape, device: torch.device, dtype: torch.dtype
+) -> AttentionBackend:
+    """Probe `choice` with the job's attention shape; raise naming the backends that work if it cannot run."""
+    order = backend_order(choice, prefer_flash=prefer_flash)
+    ran, reasons = _try(order, shape, device=device, dtype=dtype)
+    if ran is None:
+        working = [name for name in _SDP if name not in order
+                   and _try([name], shape, device=device, dtype=dtype)[0] is not None]
+        raise LlamatronError(
+            f"parallel.attention_backend={choice} cannot run this job's attention on {device.type} ({shape.describe()}, "
+            f"{str(dtype).removeprefix('torch.')}): {reasons}; "
+            f"backends that can: {', '.join(working) or 'none'} (or auto)"
+        )
+    return AttentionBackend(choice=choice, order=tuple(order), ran=ran, shape=shape, dtype=dtype)
