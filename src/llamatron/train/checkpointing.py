@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,10 +45,15 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, flat_optimizer: bool = True) -> dict:
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        # Flattened, every value is keyed by its parameter's name ("state.<name>.exp_avg",
+        # "param_groups.<name>.lr"). The nested form keeps one list of names per param group, and DCP
+        # saves one rank's copy of it: under a pipeline each stage holds other parameters, so that list
+        # would be wrong for every other stage's (and a tied embedding's state could not be found).
+        options = StateDictOptions(flatten_optimizer_state_dict=flat_optimizer)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=options)
     state["rng"] = {"cpu": torch.get_rng_state()}
     return state
 
@@ -115,18 +121,60 @@ def _prune(root: Path, *, keep_last: int, keep: Path) -> None:
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+    aliases: dict[str, str] | None = None,
 ) -> TrainState:
-    """Load model (and optimizer, when given) in place; returns the counters saved with them."""
-    state = _app_state(model, optimizer)
+    """Load model (and optimizer, when given) in place; returns the counters saved with them.
+    `aliases` name, per parameter, the one it is read from where the checkpoint lacks it: a pipeline's
+    last stage keeps its own copy of a tied embedding, which a run without a pipeline saved (with its
+    optimizer state) only as the embedding."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # Checkpoints written before the optimizer state was flattened are read in their nested form.
+    state = _app_state(model, optimizer, flat_optimizer="optimizer.param_groups.0.params" not in saved)
     if optimizer is None:
         state.pop("optimizer")
+    restore = _read_missing_from_aliases(state, saved, aliases or {})
     dcp.load(state, checkpoint_id=str(path))
+    restore()
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
     return read_train_state(path)
+
+
+def _read_missing_from_aliases(state: dict, saved: Iterable[str], aliases: dict[str, str]):
+    """Rename the entries of `state` (model and flattened optimizer state) that the checkpoint, whose
+    keys are `saved`, lacks to their alias, in place, for dcp.load to fill; returns the function that
+    puts the names back."""
+    moved: list[tuple[dict, str, str]] = []  # (container, the alias's key, the own key)
+    for name, source in aliases.items():
+        for section, container in state.items():
+            if not isinstance(container, dict) or section == "rng":
+                continue
+            for key in list(container):
+                alias = _aliased_key(key, name, source)
+                if alias is None or alias in container or f"{section}.{key}" in saved:
+                    continue
+                container[alias] = container.pop(key)
+                moved.append((container, alias, key))
+
+    def restore() -> None:
+        for container, alias, key in moved:
+            container[key] = container.pop(alias)
+
+    return restore
+
+
+def _aliased_key(key: str, name: str, source: str) -> str | None:
+    """`key` with parameter `name` replaced by `source`: the key itself (model state) or a flattened
+    optimizer key ("state.<name>.exp_avg", "param_groups.<name>.lr"). None when `key` is not about `name`."""
+    if key == name:
+        return source
+    for prefix in ("state.", "param_groups."):
+        if key.startswith(f"{prefix}{name}."):
+            return prefix + source + key[len(prefix) + len(name):]
+    return None
 
 
 def load_model_weights(path: Path, *, model: torch.nn.Module) -> None:
