@@ -24,12 +24,20 @@ from llamatron.config.load import to_dict
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
 from llamatron.parallel.ac import apply_ac
-from llamatron.parallel.attention_backend import AttentionShape, select_attention_backend
 from llamatron.parallel.compile import apply_compile
-from llamatron.parallel.fp8 import apply_fp8
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
 from llamatron.parallel.offload import offload_optimizer
+from llamatron.parallel.pp import (
+    PipelineSplit,
+    build_schedule,
+    clip_grad_norm_,
+    forward_only,
+    pp_problems,
+    split_model,
+    sync_tied_grads,
+    tied_embedding_group,
+)
 from llamatron.parallel.tp import apply_tp, sequence_problems, tp_problems
 from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
@@ -58,6 +66,36 @@ class StepResult:
     skipped: bool
 
 
+class _PipelineLoss:
+    """The pipeline schedule's loss_fn: on the last stage, each micro-batch's loss exactly as
+    Trainer._forward_backward computes it (numerator / the global batch's count), recorded for the log;
+    it returns what is backpropagated (times the data-parallel size, fp16-scaled)."""
+
+    def start(self, *, kind: str, global_count: float, dp_size: int, scaler: LossScaler) -> None:
+        self.kind, self.global_count, self.dp_size, self.scaler = kind, global_count, dp_size, scaler
+        self.losses: list[float] = []
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels, document_ids = _unpack_target(target)
+        numerator, _ = loss_parts(logits, labels, kind=self.kind, document_ids=document_ids)
+        loss = numerator / max(self.global_count, 1.0)
+        self.losses.append(loss.detach().float().item())
+        return self.scaler.scale(loss * self.dp_size)
+
+    def total(self) -> float:
+        return sum(self.losses, 0.0)
+
+
+def _pack_target(labels: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """The schedule hands the loss one tensor per micro-batch: the labels, with the document ids (packed
+    SFT's "sequence" loss needs them) stacked behind them. (batch, seq) or (batch, seq, 2)."""
+    return labels if document_ids is None else torch.stack([labels, document_ids.to(labels.dtype)], dim=-1)
+
+
+def _unpack_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (target, None) if target.ndim == 2 else (target[..., 0], target[..., 1])
+
+
 class Trainer:
     def __init__(self, config: JobConfig, env: DistEnv) -> None:
         self.config, self.env = config, env
@@ -75,23 +113,28 @@ class Trainer:
             global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
             dp_rank=self.dp_mesh.get_local_rank(), dp_size=dims.dp,
         )
-        self.attention = self._probe_attention()
         self.model, self.model_config = build_model_for_training(config, device=env.device)
-        self.fp8 = None
-        if t.precision == "fp8":
-            tokens = t.micro_batch_size * self.attention.shape.seq
-            self.fp8 = apply_fp8(
-                self.model, recipe=t.fp8_recipe, device=env.device, tp=p.tp, emulate=t.fp8_emulate,
-                fsdp_float8_all_gather=p.distributed_optimizer and dims.dp > 1, pad_inner_dim=tokens % 16 != 0,
-            )
-        # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
-        apply_tp(self.model, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
-        apply_ac(self.model, mode=p.activation_checkpoint, layers=p.ac_layers)
-        apply_compile(self.model, enabled=t.compile)
-        apply_fsdp(
-            self.model, self.dp_mesh, param_dtype=compute_dtype(t.precision),
-            shard=config.parallel.distributed_optimizer,
-        )
+        # ---- pipeline parallelism: this rank keeps its stages, before any other parallelism ----
+        self.pp_group = self.mesh["pp"].get_group()
+        self.pipeline: PipelineSplit | None = None
+        if p.pp > 1:
+            self.pipeline = split_model(self.model, pp_rank=self.mesh["pp"].get_local_rank(), pp=p.pp,
+                                        virtual_pipeline=p.virtual_pipeline, pp_layers=p.pp_layers)
+            # The rank's own parts under their global names: optimizer, clipping and checkpoints use it.
+            self.model = self.pipeline.rank_model
+        # The modules that run: the whole model, or this rank's stages (each parallelised as a whole model).
+        self.parts = self.pipeline.stages if self.pipeline is not None else [self.model]
+        self._pipeline_schedule = None  # built at the first step, from its micro-batch shape
+        self._pipeline_loss = _PipelineLoss()
+        self._tied_group = tied_embedding_group(self.mesh) if self.pipeline is not None and self.pipeline.tied else None
+        # ---- end pipeline parallelism ----
+        for part in self.parts:
+            # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
+            apply_tp(part, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
+            apply_ac(part, mode=p.activation_checkpoint, layers=p.ac_layers)
+            apply_compile(part, enabled=t.compile)
+            apply_fsdp(part, self.dp_mesh, param_dtype=compute_dtype(t.precision),
+                       shard=config.parallel.distributed_optimizer)
         self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
         self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
         self.schedule = LRSchedule(
@@ -109,8 +152,11 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------
     def resume_or_init(self) -> None:
         latest = ckpt.latest_checkpoint(self.run.checkpoints)
+        # A pipeline's last stage reads its copy of a tied embedding as the embedding where a checkpoint
+        # saved without a pipeline has no separate output layer state.
+        aliases = {"lm_head.weight": "embed_tokens.weight"} if self.pipeline is not None and self.pipeline.tied else None
         if latest is not None:
-            self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+            self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, aliases=aliases)
             self.run.truncate_metrics(after_iteration=self.state.iteration)
             self.run.log(f"resumed from {latest} at iteration {self.state.iteration}")
         elif self.config.model.init_from and is_run_checkpoint(Path(self.config.model.init_from)):
@@ -119,7 +165,7 @@ class Trainer:
                 ckpt.load_model_weights(source, model=self.model)
                 self.run.log(f"initial weights from {source} (finetune: counters start at zero)")
             else:
-                self.state = ckpt.load_checkpoint(source, model=self.model, optimizer=self.optimizer)
+                self.state = ckpt.load_checkpoint(source, model=self.model, optimizer=self.optimizer, aliases=aliases)
                 self.run.log(f"continuing {source} at iteration {self.state.iteration}")
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -134,20 +180,18 @@ class Trainer:
         local_count = sum(count_units(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
                           for mb in micro_batches)
         (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device, group=self.dp_group)
-        loss_sum = 0.0
-        tokens = 0
-        for mb in micro_batches:
-            mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
-            numerator, _ = self._forward_loss(mb, kind=kind)
-            loss = numerator / max(global_count, 1.0)
-            # FSDP averages gradients over data-parallel ranks; undo that to keep the global-batch sum.
-            self.scaler.scale(loss * self.plan.dp_size).backward()
-            loss_sum += loss.detach().float().item()
-            tokens += mb["tokens"].numel()
+        if self.pipeline is None:
+            loss_sum = self._forward_backward(micro_batches, kind=kind, global_count=global_count)
+        else:
+            loss_sum = self._pipeline_forward_backward(micro_batches, kind=kind, global_count=global_count)
+        tokens = sum(mb["tokens"].numel() for mb in micro_batches)
         self.scaler.unscale_(self.model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        (loss_total,) = all_reduce_sum([loss_sum], device=self.env.device, group=self.dp_group)
+        grad_norm = clip_grad_norm_(
+            self.model.parameters(), self.config.optim.clip_grad,
+            pp_group=self.pp_group if self.pipeline is not None else None,
+            exclude_from_norm=[self.pipeline.tied_copy] if self.pipeline is not None and self.pipeline.tied_copy is not None else (),
+        )
+        (loss_total,) = self._batch_sum([loss_sum])
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
         if skipped:
@@ -155,10 +199,51 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self.fp8 is not None:
-                self.fp8.after_optimizer_step(self.model)
         self.scaler.update(found_inf=skipped)
         return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+
+    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> float:
+        """Gradient accumulation over the rank's micro-batches; returns the sum of their losses."""
+        loss_sum = 0.0
+        for mb in micro_batches:
+            mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            numerator, _ = self._forward_loss(mb, kind=kind)
+            loss = numerator / max(global_count, 1.0)
+            # FSDP averages gradients over data-parallel ranks; undo that to keep the global-batch sum.
+            self.scaler.scale(loss * self.plan.dp_size).backward()
+            loss_sum += loss.detach().float().item()
+        return loss_sum
+
+    # ---- pipeline parallelism ------------------------------------------------------------------
+    def _pipeline_forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> float:
+        """The rank's micro-batches are the pipeline's: the schedule runs them through the stages and the
+        last stage computes each one's loss exactly as _forward_backward does. Returns the sum of the
+        losses on the last stage, 0 on the others."""
+        pipe = self.pipeline
+        if self._pipeline_schedule is None:
+            self._pipeline_schedule = build_schedule(
+                pipe, pp_group=self.pp_group, device=self.env.device, microbatches=len(micro_batches),
+                input_shape=tuple(micro_batches[0]["tokens"].shape),
+                hidden_dtype=compute_dtype(self.config.training.precision), loss_fn=self._pipeline_loss,
+            )
+        # One batch of all micro-batches; the schedule cuts it back into the same micro-batches.
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.env.device) for k in micro_batches[0]}
+        self._pipeline_loss.start(kind=kind, global_count=global_count, dp_size=self.plan.dp_size,
+                                  scaler=self.scaler)
+        # Positions and document ids reach every stage (attention masks and RoPE); labels the last.
+        kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
+        inputs = (batch["tokens"],) if pipe.has_first else ()
+        target = _pack_target(batch["labels"], batch.get("document_ids")) if pipe.has_last else None
+        self._pipeline_schedule.step(*inputs, target=target, **kwargs)
+        sync_tied_grads(pipe, self._tied_group)
+        return self._pipeline_loss.total()
+
+    def _batch_sum(self, values: list[float]) -> list[float]:
+        """Sum per-rank values over the batch: the data-parallel ranks, and under a pipeline its stages
+        (only the last stage has losses; the others contribute zeros)."""
+        if self.pipeline is not None:
+            values = all_reduce_sum(values, device=self.env.device, group=self.pp_group)
+        return all_reduce_sum(values, device=self.env.device, group=self.dp_group)
 
     def _forward_loss(self, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
         """Forward and (numerator, count) of a micro-batch: the output layer fused with the loss where it
@@ -171,18 +256,6 @@ class Trainer:
         output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
                             loss_weights=mb.get("loss_weights"), compile_backend="inductor" if t.compile else None)
         return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
-
-    def _probe_attention(self):
-        """The SDPA backend for this job, probed with one micro-batch's attention as this rank runs it."""
-        p, t = self.config.parallel, self.config.training
-        model_config = resolve_model_config(self.config)
-        sample = collate([self.data.train[0]])
-        shape = AttentionShape(
-            batch=t.micro_batch_size, heads=model_config.num_heads // p.tp, kv_heads=model_config.num_kv_heads // p.tp,
-            seq=sample["tokens"].shape[1], head_dim=model_config.dim_per_head, packed="document_ids" in sample,
-        )
-        return select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
-                                        device=self.env.device, dtype=compute_dtype(t.precision))
 
     def _loss_kind(self) -> str:
         if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":
@@ -203,16 +276,26 @@ class Trainer:
             start = round_index * per_round + self.plan.dp_rank * self.plan.micro_batch_size
             mb = collate([self.data.valid[i] for i in range(start, start + self.plan.micro_batch_size)])
             mb = {k: v.to(self.env.device) for k, v in mb.items()}
-            logits = self.model(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+            logits = self._forward(mb)
+            if logits is None:  # a pipeline rank without the last stage
+                continue
             num, cnt = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
             numerator += float(num)
             count += float(cnt)
         self.model.train()
-        numerator, count = all_reduce_sum([numerator, count], device=self.env.device, group=self.dp_group)
+        numerator, count = self._batch_sum([numerator, count])
         if count == 0:
             return {}
         valid_loss = numerator / count
         return {"valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+
+    def _forward(self, mb: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Logits of one micro-batch without gradients; under a pipeline, on its last stage only."""
+        kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
+        if self.pipeline is None:
+            return self.model(mb["tokens"], **kwargs)
+        return forward_only(self.pipeline, pp_group=self.pp_group, tokens=mb["tokens"],
+                            hidden_dtype=compute_dtype(self.config.training.precision), **kwargs)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> None:
@@ -237,25 +320,17 @@ class Trainer:
             f"global batch {self.plan.global_batch_size}, micro batch {self.plan.micro_batch_size}, "
             f"dp {self.plan.dp_size}, grad accumulation {self.plan.grad_accum_steps}"
         )
-        if self.config.parallel.cp > 1:  # ring attention calls its block kernels itself, not through SDPA
-            self.run.log(f"attention: ring attention over parallel.cp={self.config.parallel.cp} ranks")
-        else:
-            self.run.log(self.attention.describe())
-        if self.fp8 is not None:
-            self.run.log(self.fp8.describe())
         self.model.train()
         started, start_iteration = time.perf_counter(), self.state.iteration
         while self.state.iteration < info.train_iters:
-            with self.attention.context():  # forward and backward: AC recomputes attention in backward
-                result = self.train_step()
+            result = self.train_step()
             self._advance(result)
             throughput.add_tokens(result.tokens * self.plan.dp_size)
             it = self.state.iteration
             if it % config.logging.log_interval == 0 or it == info.train_iters:
                 record = self._log_record(result, throughput, started=started, start_iteration=start_iteration)
                 if config.training.eval_interval and it % config.training.eval_interval == 0:
-                    with self.attention.context():
-                        record.update(self.evaluate())
+                    record.update(self.evaluate())
                 self.run.log_step(record, total=info.train_iters)
                 if writer is not None:
                     writer.write(record)
@@ -328,15 +403,40 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
             lengths = {"training.seq_len": t.seq_len, **({"data.pad_len": config.data.pad_len}
                                                          if config.data.pad_len else {})}
             found += sequence_problems(lengths, p.tp)
+    if p.pp > 1 or p.virtual_pipeline != 1 or p.pp_layers is not None:
+        found += _pipeline_problems(config, dims=dims, batch_ok=not found)
     return found
+
+
+def _pipeline_problems(config: JobConfig, *, dims: ParallelDims, batch_ok: bool) -> list[str]:
+    p, t = config.parallel, config.training
+    # The schedule's micro-batches are one pipeline's share of the global batch (its gradient accumulation).
+    microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp) if batch_ok else None
+    num_layers = resolve_model_config(config).num_layers
+    found = pp_problems(num_layers=num_layers, pp=p.pp, virtual_pipeline=p.virtual_pipeline, pp_layers=p.pp_layers,
+                        microbatches=microbatches)
+    if p.pp > 1 and p.tp > 1 and p.sequence_parallel:
+        found.append("parallel.sequence_parallel with parallel.pp > 1 is not supported yet; set "
+                     "parallel.sequence_parallel=false (tensor parallelism itself works with pp)")
+    if p.pp > 1 and p.activation_checkpoint == "full" and not found:
+        counts = p.pp_layers or [num_layers // (p.pp * p.virtual_pipeline)] * (p.pp * p.virtual_pipeline)
+        if any(count % p.ac_layers for count in counts):
+            found.append(
+                f"activation_checkpoint=full checkpoints groups of parallel.ac_layers={p.ac_layers} blocks, but the "
+                f"pipeline stages have {counts} blocks; choose ac_layers dividing every stage's count"
+            )
+    return found
+
 
 
 def unsupported_features(config: JobConfig) -> list[str]:
     """Settings that are valid but not built yet: refused with a clear message, never ignored."""
     p, found = config.parallel, []
-    for name in ("pp", "cp", "virtual_pipeline"):
+    for name in ("cp",):
         if getattr(p, name) > 1:
             found.append(f"parallel.{name}={getattr(p, name)}")
+    if config.training.precision == "fp8":
+        found.append("training.precision=fp8")
     return found
 
 
@@ -344,8 +444,8 @@ def check_supported(config: JobConfig) -> None:
     found = unsupported_features(config)
     if found:
         raise LlamatronError(
-            f"not yet supported: {', '.join(found)} (pipeline and context parallelism and virtual stages "
-            "are still being built); use pp=cp=1"
+            f"not yet supported: {', '.join(found)} (context parallelism and fp8 are still being built); "
+            "use cp=1 and bf16"
         )
 
 
