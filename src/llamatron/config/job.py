@@ -72,7 +72,13 @@ class TrainingSection:
     warmup_iters: int | None = None
     warmup_tokens: int | None = None
     precision: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"
-    """bf16/fp16 compute with fp32 master weights and fp32 gradient reduction; fp32 for tests."""
+    """bf16/fp16 compute with fp32 master weights and fp32 gradient reduction; fp32 for tests. fp8: the
+    blocks' linears multiply in fp8 (torchao float8, Ada/Hopper GPUs), everything else in bf16."""
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """fp8 scaling: one scale per tensor (fastest; FSDP all-gathers weights in fp8), or one per row (closer
+    to bf16, slower; weights all-gathered in bf16)."""
+    fp8_emulate: bool = False
+    """fp8 casts with ordinary matmuls, on any device: checks fp8 numerics on CPUs, never faster."""
     seed: int = 1234
     eval_interval: int = 0
     """Validate every this many iterations (0: never)."""
@@ -129,7 +135,12 @@ class ParallelSection:
     distributed_optimizer: bool = True
     """Shard optimizer state and gradients across data-parallel ranks (FSDP2); False replicates them."""
     flash_attention: bool = True
-    """Prefer the flash SDPA backend on GPUs."""
+    """The seed's FL, for attention_backend=auto: true tries flash attention first (PyTorch's own order);
+    false leaves flash out and tries cuDNN first (Megatron's fused attention)."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """The SDPA kernel: auto lets PyTorch pick (see flash_attention); a named one is the only one enabled,
+    and a start-up probe refuses it, naming those that work, where it cannot run the job's attention.
+    The log names the kernel that ran."""
     activation_checkpoint: Literal["none", "sel", "full", "offload"] = "none"
     ac_layers: int = 1
     """Blocks per stage checkpointed or offloaded with full/offload (the seed's MP_AC_LAYERS)."""
@@ -193,6 +204,14 @@ class JobConfig:
             found.append(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
         if not d.data_path:
             found.append("data.data_path is empty; pass --data.data_path=PATH (or set it in the recipe)")
+        if t.fp8_emulate and t.precision != "fp8":
+            found.append(f"training.fp8_emulate=true applies to training.precision=fp8, not {t.precision}")
+        p = self.parallel
+        if not p.flash_attention and p.attention_backend == "flash":
+            found.append("parallel.flash_attention=false contradicts parallel.attention_backend=flash; drop one")
+        if p.cp > 1 and p.attention_backend != "auto":
+            found.append(f"parallel.attention_backend={p.attention_backend} does not apply with parallel.cp={p.cp} "
+                         "(ring attention picks its block kernels); use auto")
         if self.checkpoint.save_interval < 1:
             found.append(f"checkpoint.save_interval must be >= 1, got {self.checkpoint.save_interval}")
         return found

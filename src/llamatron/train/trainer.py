@@ -24,7 +24,9 @@ from llamatron.config.load import to_dict
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
 from llamatron.parallel.ac import apply_ac
+from llamatron.parallel.attention_backend import AttentionShape, select_attention_backend
 from llamatron.parallel.compile import apply_compile
+from llamatron.parallel.fp8 import apply_fp8
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.mesh import ParallelDims, build_mesh
 from llamatron.parallel.offload import offload_optimizer
@@ -113,6 +115,7 @@ class Trainer:
             global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
             dp_rank=self.dp_mesh.get_local_rank(), dp_size=dims.dp,
         )
+        self.attention = self._probe_attention()
         self.model, self.model_config = build_model_for_training(config, device=env.device)
         # ---- pipeline parallelism: this rank keeps its stages, before any other parallelism ----
         self.pp_group = self.mesh["pp"].get_group()
@@ -128,6 +131,13 @@ class Trainer:
         self._pipeline_loss = _PipelineLoss()
         self._tied_group = tied_embedding_group(self.mesh) if self.pipeline is not None and self.pipeline.tied else None
         # ---- end pipeline parallelism ----
+        self.fp8 = None
+        if t.precision == "fp8":
+            tokens = t.micro_batch_size * self.attention.shape.seq
+            self.fp8 = apply_fp8(
+                self.model, recipe=t.fp8_recipe, device=env.device, tp=p.tp, emulate=t.fp8_emulate,
+                fsdp_float8_all_gather=p.distributed_optimizer and dims.dp > 1, pad_inner_dim=tokens % 16 != 0,
+            )
         for part in self.parts:
             # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
             apply_tp(part, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
@@ -199,6 +209,8 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.fp8 is not None:
+                self.fp8.after_optimizer_step(self.model)
         self.scaler.update(found_inf=skipped)
         return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
 
@@ -256,6 +268,18 @@ class Trainer:
         output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
                             loss_weights=mb.get("loss_weights"), compile_backend="inductor" if t.compile else None)
         return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
+
+    def _probe_attention(self):
+        """The SDPA backend for this job, probed with one micro-batch's attention as this rank runs it."""
+        p, t = self.config.parallel, self.config.training
+        model_config = resolve_model_config(self.config)
+        sample = collate([self.data.train[0]])
+        shape = AttentionShape(
+            batch=t.micro_batch_size, heads=model_config.num_heads // p.tp, kv_heads=model_config.num_kv_heads // p.tp,
+            seq=sample["tokens"].shape[1], head_dim=model_config.dim_per_head, packed="document_ids" in sample,
+        )
+        return select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
+                                        device=self.env.device, dtype=compute_dtype(t.precision))
 
     def _loss_kind(self) -> str:
         if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":
@@ -320,17 +344,25 @@ class Trainer:
             f"global batch {self.plan.global_batch_size}, micro batch {self.plan.micro_batch_size}, "
             f"dp {self.plan.dp_size}, grad accumulation {self.plan.grad_accum_steps}"
         )
+        if self.config.parallel.cp > 1:  # ring attention calls its block kernels itself, not through SDPA
+            self.run.log(f"attention: ring attention over parallel.cp={self.config.parallel.cp} ranks")
+        else:
+            self.run.log(self.attention.describe())
+        if self.fp8 is not None:
+            self.run.log(self.fp8.describe())
         self.model.train()
         started, start_iteration = time.perf_counter(), self.state.iteration
         while self.state.iteration < info.train_iters:
-            result = self.train_step()
+            with self.attention.context():  # forward and backward: AC recomputes attention in backward
+                result = self.train_step()
             self._advance(result)
             throughput.add_tokens(result.tokens * self.plan.dp_size)
             it = self.state.iteration
             if it % config.logging.log_interval == 0 or it == info.train_iters:
                 record = self._log_record(result, throughput, started=started, start_iteration=start_iteration)
                 if config.training.eval_interval and it % config.training.eval_interval == 0:
-                    record.update(self.evaluate())
+                    with self.attention.context():
+                        record.update(self.evaluate())
                 self.run.log_step(record, total=info.train_iters)
                 if writer is not None:
                     writer.write(record)
@@ -435,8 +467,6 @@ def unsupported_features(config: JobConfig) -> list[str]:
     for name in ("cp",):
         if getattr(p, name) > 1:
             found.append(f"parallel.{name}={getattr(p, name)}")
-    if config.training.precision == "fp8":
-        found.append("training.precision=fp8")
     return found
 
 
@@ -444,8 +474,7 @@ def check_supported(config: JobConfig) -> None:
     found = unsupported_features(config)
     if found:
         raise LlamatronError(
-            f"not yet supported: {', '.join(found)} (context parallelism and fp8 are still being built); "
-            "use cp=1 and bf16"
+            f"not yet supported: {', '.join(found)} (context parallelism is still being built); use cp=1"
         )
 
 
