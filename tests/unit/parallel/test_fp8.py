@@ -9,6 +9,8 @@
   every parameter's gradient with cosine similarity >= 0.98 to fp32's (measured >= 0.994), yet not equal
   to fp32 (so the quantisation did happen); eight AdamW steps' losses within 1e-2 relative of fp32's
   (measured <= 1.5e-3, both recipes).
+- Activation checkpointing (sel, full, offload) after fp8 recomputes the same casts: loss and gradients
+  exact (rtol = atol = 0), as without fp8.
 - With fp8 all-gather the converted weights carry torchao's FSDP2 fp8 all-gather hooks (tensorwise only).
 - Clear errors: torchao missing, a CPU or pre-Ada GPU without emulation, an unknown recipe."""
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from llamatron.errors import LlamatronError
 from llamatron.model import build_model
+from llamatron.parallel.ac import apply_ac
 from llamatron.parallel.fp8 import apply_fp8, fp8_device_problem, fp8_eligibility
 from tests.conftest import tiny_config
 
@@ -148,6 +151,23 @@ def test_training_steps_track_fp32(recipe):
     ref, got = run(False), run(True)
     assert ref[-1] < ref[0] - 1.0  # it learns, so the comparison covers moving weights
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["sel", "full", "offload"])
+def test_activation_checkpointing_recomputes_the_same_fp8_casts(mode):
+    def grads(ac: bool):
+        model = _model()
+        apply_fp8(model, device=CPU, emulate=True)
+        if ac:
+            apply_ac(model, mode=mode, layers=1)
+        loss = _loss(model)
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    (ref_loss, ref), (loss, got) = grads(False), grads(True)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
 
 
 def test_missing_torchao_names_the_extra(monkeypatch):
