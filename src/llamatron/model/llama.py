@@ -41,6 +41,25 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class SDPAttention:
+    """The attention core: causal softmax(q k^T / sqrt(head_dim)) v within documents, through
+    F.scaled_dot_product_attention. The one replaceable part of the model: context parallelism installs
+    ring attention (Llama.set_attention_core), which answers the same two calls."""
+
+    def mask(
+        self, document_ids: torch.Tensor | None, *, start: int, seq: int, device: torch.device, cached: bool
+    ) -> torch.Tensor | None:
+        """What every layer passes to __call__ in this forward: a boolean mask, or None for plain causal."""
+        return _attention_mask(document_ids, start=start, seq=seq, device=device, cached=cached)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None) -> torch.Tensor:
+        # A full-length causal attention (no mask: no documents, no cache) takes SDPA's is_causal fast path.
+        is_causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -51,6 +70,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.core = SDPAttention()
 
     def forward(
         self,
@@ -70,11 +90,7 @@ class Attention(nn.Module):
         if cache is not None:
             kv_cache, layer_index = cache
             k, v = kv_cache.update(layer_index, k, v)
-        # A full-length causal attention without a cache takes SDPA's is_causal fast path.
-        is_causal = attn_mask is None and cache is None and seq > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        out = self.core(q, k, v, mask=attn_mask)  # (batch, local heads, seq, head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, -1)  # (batch, seq, local heads * head_dim)
         return self.o_proj(out)
 
@@ -127,7 +143,14 @@ class Llama(nn.Module):
         )
         self.norm: RMSNorm | None = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attention_core = SDPAttention()  # builds the layers' mask once per forward
         self.tie_weights()
+
+    def set_attention_core(self, core: SDPAttention) -> None:
+        """Replace the attention core of every layer (parallel/cp.py installs ring attention)."""
+        self.attention_core = core
+        for layer in self.layers.values():
+            layer.self_attn.core = core
 
     def tie_weights(self) -> None:
         """Share the output layer with the embedding for tied presets (Llama 3.2 1B/3B)."""
@@ -178,7 +201,8 @@ class Llama(nn.Module):
         # Recomputed per call (head_dim/2 values): a buffer would follow model.to(bf16) and lose precision.
         inv_freq = rope_inv_freq(self.config, device=h.device)
         cos, sin = rope_cos_sin(inv_freq, positions, dtype=h.dtype)
-        attn_mask = _attention_mask(document_ids, start=start, seq=seq, device=h.device, cached=kv_cache is not None)
+        attn_mask = self.attention_core.mask(document_ids, start=start, seq=seq, device=h.device,
+                                             cached=kv_cache is not None)
         for layer in self.layers.values():
             h = layer(h, cos, sin, attn_mask=attn_mask, kv_cache=kv_cache)
         if kv_cache is not None:

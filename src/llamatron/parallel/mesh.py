@@ -41,8 +41,19 @@ def build_mesh(dims: ParallelDims, *, device_type: str) -> DeviceMesh:
     mesh = init_device_mesh(
         device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=("pp", "dp", "cp", "tp")
     )
-    if dims.dp > 1 and dims.tp > 1:
-        # FSDP x TP parameters live on the (dp, tp) sub-mesh; with its flattened form registered, DTensor
-        # reduces over both axes in one collective (the gradient norm) instead of one per axis.
-        mesh["dp", "tp"]._flatten("dp_tp")
+    if dims.cp > 1:
+        # Parameters are replicated over cp: FSDP shards and reduces gradients over dp x cp as one axis.
+        mesh["dp", "cp"]._flatten("dp_cp")
+    if dims.dp * dims.cp > 1 and dims.tp > 1:
+        # FSDP x TP parameters live on the (dp[_cp], tp) sub-mesh; with its flattened form registered,
+        # DTensor reduces over both axes in one collective (the gradient norm) instead of one per axis.
+        names = ("dp", "cp", "tp") if dims.cp > 1 else ("dp", "tp")
+        mesh[names]._flatten("_".join(names))
     return mesh
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh FSDP shards over: "dp", or "dp_cp" under context parallelism (cp ranks hold the
+    same parameters and each computes a part of every gradient)."""
+    # _flatten returns the mesh build_mesh registered (slicing a flattened name from the root is deprecated).
+    return mesh["dp", "cp"]._flatten("dp_cp") if mesh["cp"].size() > 1 else mesh["dp"]
