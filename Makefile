@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(VENV)/bin/llamatron quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=30
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

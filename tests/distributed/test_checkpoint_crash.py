@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_random_corpus
+from tests.conftest import SMALL_VOCAB_EOD, SMALL_VOCAB_MODEL, write_random_corpus
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -20,13 +20,13 @@ REPO = HERE.parents[1]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     prefix = tmp_path_factory.mktemp("crash") / "corpus_text_document"
-    write_random_corpus(prefix, seed=2, documents=200)
+    write_random_corpus(prefix, seed=2, documents=200, vocab=2000, eod=SMALL_VOCAB_EOD)
     return prefix
 
 
 def _args(out: Path, corpus: Path) -> list[str]:
     return ["train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}",
-            "--train-iters", "8", "--save-interval", "3", "--training.eval_interval=0"]
+            f"--model.name={SMALL_VOCAB_MODEL}", "--train-iters", "8", "--save-interval", "3", "--training.eval_interval=0"]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

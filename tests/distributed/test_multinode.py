@@ -9,12 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import write_random_corpus
+from tests.conftest import SMALL_VOCAB_EOD, SMALL_VOCAB_MODEL, write_random_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "examples" / "llama3_1" / "run_mcore_llama3_1.sh"
@@ -30,7 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     prefix = tmp_path_factory.mktemp("mn") / "corpus_text_document"
-    write_random_corpus(prefix, seed=3, documents=200)
+    write_random_corpus(prefix, seed=3, documents=200, vocab=2000, eod=SMALL_VOCAB_EOD)
     return prefix
 
 
@@ -45,13 +46,29 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _train_args(out: Path, corpus: Path) -> list[str]:
     return ["train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}",
-            "--train-iters", "6", "--training.eval_interval=0"]
+            f"--model.name={SMALL_VOCAB_MODEL}", "--train-iters", "6", "--training.eval_interval=0"]
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        _, err = proc.communicate(timeout=1500)
-        assert proc.returncode == 0, err[-3000:]
+def _start(cmd: list[str], *, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """A launcher writing to a file: pipes read one process at a time can fill and block the other node."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True), log
+
+
+def _wait_all(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 1500) -> None:
+    """Every node exits 0; the first failure stops the others (a lone node would wait for its peer)."""
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc, _ in procs) and time.monotonic() < deadline:
+        failed = [(proc, log) for proc, log in procs if proc.poll() not in (None, 0)]
+        if failed:
+            break
+        time.sleep(0.5)
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for proc, log in procs:
+        assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 def test_two_launchers_with_nnodes_2_match_one_node(tmp_path, corpus):
@@ -61,10 +78,10 @@ def test_two_launchers_with_nnodes_2_match_one_node(tmp_path, corpus):
     port = str(_free_port())
     out = tmp_path / "two-nodes"
     procs = [
-        subprocess.Popen(
+        _start(
             [sys.executable, "-m", "llamatron.cli.main", *_train_args(out, corpus), "--nproc-per-node", "1",
              "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(), log=tmp_path / f"node{rank}.log",
         )
         for rank in range(2)
     ]
@@ -81,11 +98,11 @@ def test_seed_dlc_mode_on_two_simulated_nodes(tmp_path, corpus):
     port = str(_free_port())
     dlc = tmp_path / "dlc"
     procs = [
-        subprocess.Popen(
+        _start(
             ["bash", str(LAUNCHER), *args, str(dlc)],
             env=_env(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                      KUBERNETES_CONTAINER_RESOURCE_GPU="1"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            log=tmp_path / f"dlc-node{rank}.log",
         )
         for rank in range(2)
     ]

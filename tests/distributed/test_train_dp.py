@@ -17,28 +17,34 @@ import numpy as np
 import pytest
 
 from llamatron.data.indexed import write_documents
+from tests.conftest import SMALL_VOCAB_EOD, SMALL_VOCAB_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """400 documents of a learnable pattern (counting runs), so the loss visibly falls."""
+    """400 documents of a learnable pattern (counting runs), so the loss visibly falls; ids fit tiny-2k."""
     rng = np.random.default_rng(0)
     docs = []
     for _ in range(400):
         start = int(rng.integers(0, 1000))
         length = int(rng.integers(20, 120))
-        docs.append([*(start + i % 50 for i in range(length)), 128001])
+        docs.append([*(start + i % 50 for i in range(length)), SMALL_VOCAB_EOD])
     prefix = tmp_path_factory.mktemp("corpus") / "corpus_text_document"
     write_documents(prefix, docs, dtype=np.int32)
     return prefix
 
 
-def run_train(out: Path, corpus: Path, *extra: str, nproc: int = 1, timeout: int = 1500) -> list[dict]:
+def run_train(out: Path, corpus: Path, *extra: str, nproc: int = 1, timeout: int = 1500,
+              model: str | None = None) -> list[dict]:
+    """The tiny-debug job through the CLI (a subprocess, torchrun for nproc > 1); its metrics records.
+    The model defaults to tiny-2k for token-id corpora and to tiny (the Llama 3 vocabulary) for SFT text."""
+    if model is None:
+        model = "tiny" if "--data.kind=sft" in extra else SMALL_VOCAB_MODEL
     cmd = [
         sys.executable, "-m", "llamatron.cli.main", "train", "--config", "tiny-debug",
-        "--output", str(out), f"--data.data_path={corpus}", *extra,
+        "--output", str(out), f"--data.data_path={corpus}", f"--model.name={model}", *extra,
     ]
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
@@ -58,7 +64,7 @@ def test_loss_falls_and_metrics_are_complete(tmp_path, corpus):
     for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s"):
         assert all(key in r for r in records)
     first, last = np.mean(losses(records)[:3]), np.mean(losses(records)[-3:])
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.5, (first, last)  # from ln(2048) = 7.6 at init
     assert "valid_loss" in records[9] and "valid_loss" in records[19]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000020"
