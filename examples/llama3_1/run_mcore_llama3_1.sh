@@ -12,6 +12,9 @@
 # MODEL_SIZE: 8B, 70B (the seed's), and also 1B, 3B, 405B, tiny (the tiny-debug model for CPUs).
 # Env: MP_AC_LAYERS (default 1), MP_DATASET_TYPE idxmap|raw (SFT, default idxmap), MP_SFT_PACKING
 # true|false, MP_VP (virtual pipeline stages). LLAMATRON overrides the llamatron command.
+# The seed runs it as `sh run_mcore_llama3_1.sh ...`; where sh is not bash (dash on Debian/Ubuntu),
+# hand over to bash before the first bash-only line.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 
 if [ "$#" -lt 25 ]; then
