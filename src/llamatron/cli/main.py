@@ -16,7 +16,7 @@ import typer
 COMMAND_MODULES = [
     "convert", "check",
     "preprocess", "preprocess_sft", "data",
-    "train", "export", "eval",
+    "train", "plan", "export", "eval",
     "generate", "report",
     "quickstart",
 ]

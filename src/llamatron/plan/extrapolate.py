@@ -14,10 +14,12 @@ with the trainer's peak memory (peak_memory_gib) and throughput (tokens_per_s_pe
 Memory: the model (memory.py) predicts each run; what it misses is fitted as a line in the number of
 layer activations a GPU holds (a constant plus a per-layer part) and added to its prediction for the
 full model on the target GPUs. Time: the time per token per GPU, 1 / (tokens/s/GPU), is a line in the
-depth (a per-layer cost plus the embedding, loss and optimizer); at full depth that is the target's, with
-what changes with the layout and GPU count (FSDP traffic across nodes, the pipeline bubble, TP/CP
-collectives) carried over as the ratio of speed.py's overheads. The target layout is the measured one
-with data parallelism grown to the target GPU count, unless degrees or modes are given.
+depth (a per-layer cost plus the embedding, loss and optimizer); at full depth that is the measured
+layout's. For the target, speed.py's estimate of what each layout adds (FSDP traffic, across nodes too;
+TP/CP collectives; recomputation; offload) replaces the measured layout's, and its pipeline bubble
+replaces the measured one. The target layout is the measured one
+with data parallelism grown to the target GPU count, unless degrees or modes are given; each rank keeps
+the measured micro-batches per step (the global batch grows with the data-parallel size).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from llamatron.plan.memory import (
     chunks_in_flight,
     estimate_memory,
 )
-from llamatron.plan.speed import PEAK_FLOPS, relative_overhead
+from llamatron.plan.speed import PEAK_FLOPS, estimate_step, per_token
 from llamatron.train.metrics import flops_per_token
 
 _LAYOUT_FIELDS = {f.name for f in dataclasses.fields(Layout)} - {"dp"}
@@ -162,6 +164,25 @@ def memory_residual(config: LlamaConfig, measurement: Measurement) -> tuple[floa
     return _line(xs, ys)
 
 
+def residual_warning(config: LlamaConfig, measurement: Measurement) -> str | None:
+    """A sentence when the measured memory per layer is far (> 15%) from the model's: the measurement's
+    layout or options probably do not describe the run (e.g. a missing optimizer_offload)."""
+    residual = memory_residual(config, measurement)
+    runs = [run for run in measurement.runs if run.peak_memory_gib is not None]
+    if residual is None:
+        return None
+    low, high = runs[0], runs[-1]
+    cuts = [config.replace(num_layers=run.layers) for run in (low, high)]
+    predicted = [estimate_memory(cut, measurement.layout, measurement.work).allocated for cut in cuts]
+    held = [held_layers(cut, measurement.layout, measurement.work) for cut in cuts]
+    model_slope = (predicted[1] - predicted[0]) / max(held[1] - held[0], 1)
+    if model_slope and abs(residual[1] / model_slope) > 0.15:
+        return (f"the measured memory grows by {(model_slope + residual[1]) / GIB:.2f} GiB per layer, the model's "
+                f"by {model_slope / GIB:.2f}: check the measurement's layout and options (the extrapolation "
+                "trusts the measurement)")
+    return None
+
+
 def extrapolate(config: LlamaConfig, measurement: Measurement, *, gpus: int, layout: Layout | None = None,
                 gpus_per_node: int = 8) -> Extrapolation:
     """The full model (config) on `gpus` GPUs with `layout` (default: the measured one, dp grown)."""
@@ -171,9 +192,8 @@ def extrapolate(config: LlamaConfig, measurement: Measurement, *, gpus: int, lay
         if gpus % model_parallel:
             raise LlamatronError(f"{gpus} GPUs are not divisible by the measured tp*pp*cp = {model_parallel}")
         layout = replace(measured, dp=gpus // model_parallel)
+    # Each rank keeps the measured micro-batches per step (the global batch grows with dp).
     work = measurement.work
-    if measurement.global_batch is not None:
-        work = replace(work, microbatches=max(measurement.global_batch // (work.micro_batch * layout.dp), 1))
     memory = estimate_memory(config, layout, work)
     residual = memory_residual(config, measurement)
     correction = 0.0
@@ -184,10 +204,15 @@ def extrapolate(config: LlamaConfig, measurement: Measurement, *, gpus: int, lay
     timed = [run for run in measurement.runs if run.tokens_per_s_per_gpu]
     if len({run.layers for run in timed}) >= 2:
         base, per_layer = _line([run.layers for run in timed], [1.0 / run.tokens_per_s_per_gpu for run in timed])
-        seconds_per_token = base + per_layer * config.num_layers
-        measured_overhead = relative_overhead(config, measured, measurement.work, gpus_per_node=gpus_per_node)
-        target_overhead = relative_overhead(config, layout, work, gpus_per_node=gpus_per_node)
-        tokens_per_s = (1 + measured_overhead) / (1 + target_overhead) / seconds_per_token
+        measured_full = base + per_layer * config.num_layers  # per token per GPU, the measured layout at depth
+        before = estimate_step(config, measured, measurement.work, gpus_per_node=gpus_per_node)
+        after = estimate_step(config, layout, work, gpus_per_node=gpus_per_node)
+        core = measured_full / (1 + before.bubble) - per_token(before.extra_s, measured, measurement.work)
+        # A measurement faster than the estimate of its own overheads (e.g. on another kind of device)
+        # keeps at least a tenth of its time as compute.
+        core = max(core, 0.1 * measured_full / (1 + before.bubble))
+        seconds_per_token = (core + per_token(after.extra_s, layout, work)) * (1 + after.bubble)
+        tokens_per_s = 1.0 / seconds_per_token
         mfu = tokens_per_s * flops_per_token(config, seq_len=work.seq_len) / PEAK_FLOPS
     return Extrapolation(gpus=gpus, layout=layout, layers=config.num_layers, memory=memory,
                          memory_correction=correction, tokens_per_s_per_gpu=tokens_per_s, mfu=mfu)

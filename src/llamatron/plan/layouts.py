@@ -238,9 +238,16 @@ def check_request(config: LlamaConfig, work: Workload, *, gpus: int, nodes: int)
 
 
 def train_options(layout: Layout, work: Workload, *, model: str, global_batch: int | None = None,
-                  fused_loss_option: bool = True) -> list[str]:
+                  fused_loss_option: bool | None = None) -> list[str]:
     """`llamatron train` overrides that run `layout` (every parallel option spelled out, so the command
-    does not depend on a recipe's values). fused_loss_option: the installed trainer has training.fused_loss."""
+    does not depend on a recipe's values). fused_loss_option: whether to pass training.fused_loss; None:
+    when the installed trainer's config has that field."""
+    if fused_loss_option is None:
+        import dataclasses
+
+        from llamatron.config.job import TrainingSection
+
+        fused_loss_option = "fused_loss" in {f.name for f in dataclasses.fields(TrainingSection)}
     options = [
         f"--model.name={model}",
         f"--training.seq_len={work.seq_len}",

@@ -120,18 +120,20 @@ def plan_json(request: dict, candidates: list[Candidate], best: Candidate | None
 
 
 def print_extrapolation(measurement: Measurement, results: list[Extrapolation], *, residual: tuple[float, float] | None,
-                        gpu_gib: float) -> None:
+                        gpu_gib: float, warning: str | None = None) -> None:
     console = _console()
-    runs = ", ".join(
-        f"{run.layers} layers: {run.peak_memory_gib if run.peak_memory_gib is not None else '?'} GiB, "
-        f"{run.tokens_per_s_per_gpu if run.tokens_per_s_per_gpu is not None else '?'} tok/s/GPU"
+    runs = "; ".join(
+        f"{run.layers} layers: {'?' if run.peak_memory_gib is None else format(run.peak_memory_gib, '.1f')} GiB, "
+        f"{'?' if run.tokens_per_s_per_gpu is None else format(run.tokens_per_s_per_gpu, ',.0f')} tok/s/GPU"
         for run in measurement.runs)
-    console.print(f"Measured {measurement.model} on {measurement.gpus} GPUs ({describe(measurement.layout)}, AC "
+    console.print(f"Measured {measurement.model} on {measurement.gpus} GPU(s) ({describe(measurement.layout)}, AC "
                   f"{describe_ac(measurement.layout)}{', ' + measurement.card if measurement.card else ''}): {runs}",
                   highlight=False)
     if residual is not None:
         console.print(f"Memory the model missed on those runs: {residual[0] / GIB:+.2f} GiB + "
                       f"{residual[1] / GIB:+.3f} GiB per layer held (added below)", highlight=False)
+    if warning:
+        console.print(f"Warning: {warning}.", highlight=False)
     table = Table(header_style="bold")
     for name in ("GPUs", "layout", "AC", "opt offload", "layers", "model GiB", "corrected GiB", "total GiB", "fits",
                  "tok/s/GPU", "MFU"):
@@ -148,8 +150,9 @@ def print_extrapolation(measurement: Measurement, results: list[Extrapolation], 
 
 
 def extrapolation_json(measurement: Measurement, results: list[Extrapolation],
-                       residual: tuple[float, float] | None, gpu_gib: float) -> dict[str, Any]:
+                       residual: tuple[float, float] | None, gpu_gib: float, warning: str | None = None) -> dict[str, Any]:
     return {
+        "warning": warning,
         "measurement": {"model": measurement.model, "gpus": measurement.gpus,
                         "layout": dataclasses.asdict(measurement.layout),
                         "runs": [dataclasses.asdict(run) for run in measurement.runs]},

@@ -10,6 +10,8 @@ hardware figures; they rank layouts, they do not promise tokens per second.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from llamatron.model.config import LlamaConfig
 from llamatron.plan.memory import COMPUTE_BYTES, GIB, Dims, Layout, Workload, block_bytes, stage_params
 from llamatron.train.metrics import flops_per_token
@@ -31,10 +33,35 @@ def _block_forward_share(config: LlamaConfig, *, seq_len: int) -> float:
     return (2.0 * blocks + attention) / flops_per_token(config, seq_len=seq_len)
 
 
+@dataclass(frozen=True)
+class StepEstimate:
+    """One micro-batch on one GPU: ideal compute, what the layout adds, and the pipeline bubble."""
+
+    compute_s: float
+    extra_s: float
+    bubble: float
+
+    @property
+    def overhead(self) -> float:
+        """Expected time over the ideal, minus one."""
+        return (self.compute_s + self.extra_s) * (1 + self.bubble) / self.compute_s - 1
+
+
+def per_token(seconds: float, layout: Layout, work: Workload) -> float:
+    """Seconds per micro-batch on one GPU as seconds per token per GPU: the tp * cp * pp GPUs of a
+    model replica share each micro-batch's mb * seq tokens."""
+    return seconds * layout.tp * layout.cp * layout.pp / (work.micro_batch * work.seq_len)
+
+
 def relative_overhead(
     config: LlamaConfig, layout: Layout, work: Workload, *, gpus_per_node: int = 8
 ) -> float:
     """Expected step time over the ideal (compute at BASE_MFU, nothing else), minus one."""
+    return estimate_step(config, layout, work, gpus_per_node=gpus_per_node).overhead
+
+
+def estimate_step(config: LlamaConfig, layout: Layout, work: Workload, *, gpus_per_node: int = 8) -> StepEstimate:
+    """The ideal compute of a micro-batch on one GPU and the seconds each feature of the layout adds."""
     c = COMPUTE_BYTES[work.precision]
     tokens = work.micro_batch * work.seq_len
     model_parallel = layout.tp * layout.cp * layout.pp
@@ -81,4 +108,4 @@ def relative_overhead(
         extra += HOST_ADAM_SECONDS_PER_PARAM * p.total / shard / microbatches
 
     bubble = (layout.pp - 1) / (layout.virtual_pipeline * microbatches) if layout.pp > 1 else 0.0
-    return (ideal + extra) * (1 + bubble) / ideal - 1
+    return StepEstimate(compute_s=ideal, extra_s=extra, bubble=bubble)

@@ -36,6 +36,8 @@ def tracked() -> dict[str, int]:
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_model_matches_tracked_peak(tracked, name):
     scenario = SCENARIOS[name]
+    if tracked[name] is None:
+        pytest.skip("this checkout has no fused loss (train/fused_loss.py, Llama.forward's output_fn)")
     layout = Layout(dp=scenario.dp, tp=scenario.tp, sequence_parallel=scenario.sequence_parallel,
                     activation_checkpoint=scenario.mode, distributed_optimizer=scenario.distributed_optimizer)
     assert layout.gpus == WORLD
