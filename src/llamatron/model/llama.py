@@ -55,6 +55,12 @@ class SDPAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None) -> torch.Tensor:
         # A full-length causal attention (no mask: no documents, no cache) takes SDPA's is_causal fast path.
         is_causal = mask is None and q.shape[2] > 1
+        fused_gqa = mask is None and q.dtype in (torch.bfloat16, torch.float16)
+        if not fused_gqa and k.shape[1] != q.shape[1]:
+            # Only flash takes GQA natively: with a mask or in fp32, enable_gqa sends CUDA to the math kernel
+            # (measured 2026-11-28 on an H200), so the other kernels get one K/V head per query head (an exact copy).
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
         )
@@ -193,8 +199,9 @@ class Llama(nn.Module):
         hidden state.
         Returns logits (batch, seq, vocab), or the hidden state on a stage without the output layer."""
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        # From the input, not h: with sequence parallelism h holds only this rank's part of the sequence.
-        seq = tokens.shape[1]
+        # Not from h: with sequence parallelism h holds only this rank's part of the sequence, and so does
+        # the input of a later pipeline stage; there positions (whole rows) give the length.
+        seq = positions.shape[-1] if positions is not None else tokens.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + seq, device=h.device)

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llamatron.errors import LlamatronError
+from llamatron.model.llama import SDPAttention
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 _SDP = {
@@ -104,8 +104,8 @@ def _run_attention(shape: AttentionShape, *, device: torch.device, dtype: torch.
         causal = torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()
         mask = ((doc[:, None] == doc[None, :]) & causal).expand(shape.batch, 1, shape.seq, shape.seq)
     with _OpRecorder() as recorder:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=shape.kv_heads != shape.heads)
+        # The model's own attention core, so the probe reports what training runs (it adapts GQA to the mask).
+        out = SDPAttention()(q, k, v, mask=mask)
     out.float().sum().backward()
     ran = [_KERNEL_OPS[op] for op in recorder.ops if op in _KERNEL_OPS]
     return ran[0] if ran else "math"
