@@ -26,9 +26,10 @@ from llamatron.model import Llama
 from llamatron.parallel.ac import apply_ac
 from llamatron.parallel.attention_backend import AttentionShape, select_attention_backend
 from llamatron.parallel.compile import apply_compile
+from llamatron.parallel.cp import apply_cp, cp_problems
 from llamatron.parallel.fp8 import apply_fp8
 from llamatron.parallel.fsdp import apply_fsdp
-from llamatron.parallel.mesh import ParallelDims, build_mesh
+from llamatron.parallel.mesh import ParallelDims, build_mesh, fsdp_mesh
 from llamatron.parallel.offload import offload_optimizer
 from llamatron.parallel.pp import (
     PipelineSplit,
@@ -43,6 +44,7 @@ from llamatron.parallel.pp import (
 from llamatron.parallel.tp import apply_tp, sequence_problems, tp_problems
 from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
+from llamatron.train.cp_batch import cp_slice, slice_loss_parts
 from llamatron.train.data import TrainData, build_train_data
 from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
 from llamatron.train.fused_loss import fused_loss_parts, use_fused_loss
@@ -108,6 +110,11 @@ class Trainer:
         self.dp_mesh = self.mesh["dp"]
         # Batch-wide sums (token counts, the logged loss) go over dp only: tp ranks see the same batch.
         self.dp_group = self.dp_mesh.get_group()
+        # Context parallelism: the cp ranks of a data-parallel rank read the same samples, each computing a
+        # slice of every row; so loss sums go over dp x cp, sample counts over dp, gradients over dp x cp.
+        self.cp_mesh = self.mesh["cp"]
+        self.loss_group = fsdp_mesh(self.mesh).get_group()
+        self.grad_ranks = dims.dp * dims.cp  # FSDP averages gradients over these
         self.run = RunDir(Path(config.output), rank=env.rank)
         self.data: TrainData = build_train_data(config, dp_size=dims.dp)
         self.schedule_info = resolve_schedule(config, data=self.data)
@@ -141,9 +148,11 @@ class Trainer:
         for part in self.parts:
             # The vocabulary-parallel loss (parallel/loss_parallel.py) never gathers full logits.
             apply_tp(part, self.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
+            apply_cp(part, self.cp_mesh)
             apply_ac(part, mode=p.activation_checkpoint, layers=p.ac_layers)
-            apply_compile(part, enabled=t.compile)
-            apply_fsdp(part, self.dp_mesh, param_dtype=compute_dtype(t.precision),
+            # Ring attention's point-to-point exchange cannot be traced: under cp the blocks compile around it.
+            apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1)
+            apply_fsdp(part, fsdp_mesh(self.mesh), param_dtype=compute_dtype(t.precision),
                        shard=config.parallel.distributed_optimizer)
         self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
         self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
@@ -218,11 +227,11 @@ class Trainer:
         """Gradient accumulation over the rank's micro-batches; returns the sum of their losses."""
         loss_sum = 0.0
         for mb in micro_batches:
-            mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            mb = self._cp_slice({k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}, kind=kind)
             numerator, _ = self._forward_loss(mb, kind=kind)
             loss = numerator / max(global_count, 1.0)
-            # FSDP averages gradients over data-parallel ranks; undo that to keep the global-batch sum.
-            self.scaler.scale(loss * self.plan.dp_size).backward()
+            # FSDP averages gradients over data-parallel (x cp) ranks; undo that to keep the global-batch sum.
+            self.scaler.scale(loss * self.grad_ranks).backward()
             loss_sum += loss.detach().float().item()
         return loss_sum
 
@@ -251,11 +260,18 @@ class Trainer:
         return self._pipeline_loss.total()
 
     def _batch_sum(self, values: list[float]) -> list[float]:
-        """Sum per-rank values over the batch: the data-parallel ranks, and under a pipeline its stages
-        (only the last stage has losses; the others contribute zeros)."""
+        """Sum per-rank values over the batch: the data-parallel ranks (x cp: each holds a slice of every
+        row), and under a pipeline its stages (only the last stage has losses; the others contribute zeros)."""
         if self.pipeline is not None:
             values = all_reduce_sum(values, device=self.env.device, group=self.pp_group)
-        return all_reduce_sum(values, device=self.env.device, group=self.dp_group)
+        return all_reduce_sum(values, device=self.env.device, group=self.loss_group)
+
+    # ---- context parallelism --------------------------------------------------------------------
+    def _cp_slice(self, mb: dict[str, torch.Tensor], *, kind: str) -> dict[str, torch.Tensor]:
+        """This cp rank's slice of a micro-batch, with per-token loss weights (train/cp_batch.py)."""
+        if self.cp_mesh.size() == 1:
+            return mb
+        return cp_slice(mb, kind=kind, cp_rank=self.cp_mesh.get_local_rank(), cp_size=self.cp_mesh.size())
 
     def _forward_loss(self, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
         """Forward and (numerator, count) of a micro-batch: the output layer fused with the loss where it
@@ -263,11 +279,16 @@ class Trainer:
         kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
         t = self.config.training
         if not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp, precision=t.precision):
-            logits = self.model(mb["tokens"], **kwargs)
-            return loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            return self._loss_parts(self.model(mb["tokens"], **kwargs), mb, kind=kind)
         output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
                             loss_weights=mb.get("loss_weights"), compile_backend="inductor" if t.compile else None)
         return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
+
+    def _loss_parts(self, logits: torch.Tensor, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
+        """(numerator, count) of a micro-batch, or of this cp rank's slice of one."""
+        if "loss_weights" in mb:
+            return slice_loss_parts(logits, mb)
+        return loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
 
     def _probe_attention(self):
         """The SDPA backend for this job, probed with one micro-batch's attention as this rank runs it."""
@@ -276,7 +297,8 @@ class Trainer:
         sample = collate([self.data.train[0]])
         shape = AttentionShape(
             batch=t.micro_batch_size, heads=model_config.num_heads // p.tp, kv_heads=model_config.num_kv_heads // p.tp,
-            seq=sample["tokens"].shape[1], head_dim=model_config.dim_per_head, packed="document_ids" in sample,
+            # A cp rank attends with its slice of the sequence (never a whole-sequence mask).
+            seq=sample["tokens"].shape[1] // p.cp, head_dim=model_config.dim_per_head, packed="document_ids" in sample,
         )
         return select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
                                         device=self.env.device, dtype=compute_dtype(t.precision))
@@ -299,11 +321,11 @@ class Trainer:
         for round_index in range(min(self.config.training.eval_iters, available)):
             start = round_index * per_round + self.plan.dp_rank * self.plan.micro_batch_size
             mb = collate([self.data.valid[i] for i in range(start, start + self.plan.micro_batch_size)])
-            mb = {k: v.to(self.env.device) for k, v in mb.items()}
+            mb = self._cp_slice({k: v.to(self.env.device) for k, v in mb.items()}, kind=kind)
             logits = self._forward(mb)
             if logits is None:  # a pipeline rank without the last stage
                 continue
-            num, cnt = loss_parts(logits, mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+            num, cnt = self._loss_parts(logits, mb, kind=kind)
             numerator += float(num)
             count += float(cnt)
         self.model.train()
@@ -437,6 +459,11 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
             found += sequence_problems(lengths, p.tp)
     if p.pp > 1 or p.virtual_pipeline != 1 or p.pp_layers is not None:
         found += _pipeline_problems(config, dims=dims, batch_ok=not found)
+    if p.cp > 1:
+        lengths = {"training.seq_len": t.seq_len, **({"data.pad_len": config.data.pad_len} if config.data.pad_len else {})}
+        found += cp_problems(lengths, cp=p.cp, tp=p.tp, sequence_parallel=p.tp > 1 and p.sequence_parallel)
+        if p.pp > 1:
+            found.append("parallel.cp > 1 with parallel.pp > 1 is not supported yet; use one of them")
     return found
 
 
@@ -463,18 +490,15 @@ def _pipeline_problems(config: JobConfig, *, dims: ParallelDims, batch_ok: bool)
 
 def unsupported_features(config: JobConfig) -> list[str]:
     """Settings that are valid but not built yet: refused with a clear message, never ignored."""
-    p, found = config.parallel, []
-    for name in ("cp",):
-        if getattr(p, name) > 1:
-            found.append(f"parallel.{name}={getattr(p, name)}")
-    return found
+    del config  # every setting is built at present
+    return []
 
 
 def check_supported(config: JobConfig) -> None:
     found = unsupported_features(config)
     if found:
         raise LlamatronError(
-            f"not yet supported: {', '.join(found)} (context parallelism is still being built); use cp=1"
+            f"not yet supported: {', '.join(found)}"
         )
 
 
