@@ -206,12 +206,13 @@ def block_bytes(d: Dims, *, mode: str = "none", ac_layers: int = 1) -> float:
 
 
 def backward_work_bytes(d: Dims, *, cp: int = 1) -> float:
-    """Activation gradients alive inside a block's backward: SwiGLU's (product, silu and up: 3 c f T)
-    and the incoming one; with CP the K/V blocks and fp32 dK/dV travelling the ring (two in flight)."""
-    work = 3 * d.c * d.f * d.tokens + d.c * d.h * d.tokens
-    if cp > 1:
-        work += 2 * 2 * d.kv * d.tokens * (d.c + 4)
-    return work
+    """Activation gradients alive inside a block's backward: the incoming one (c h T) and the larger of
+    SwiGLU's backward (the product's, silu's and up's gradients: 3 c f T) and, under CP, ring attention's
+    (parallel/ring_attention.py: K/V expanded to the query heads and the kernel's gradients, their fp32
+    copies, the fp32 dq accumulator, the dK/dV accumulators in flight: (5c + 16) q T + (2c + 24) kv T)."""
+    mlp = 3 * d.c * d.f * d.tokens
+    ring = (5 * d.c + 16) * d.q * d.tokens + (2 * d.c + 24) * d.kv * d.tokens if cp > 1 else 0
+    return max(mlp, ring) + d.c * d.h * d.tokens
 
 
 def final_norm_bytes(d: Dims, *, loss: str) -> float:

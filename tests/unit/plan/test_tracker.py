@@ -1,6 +1,6 @@
 """plan/memory.py against torch's FSDPMemTracker on the trainer's own code (tracker_check.py): FSDP2
-sharded and replicated, TP with and without sequence parallelism, sel/full AC, the plain, vocabulary-
-parallel and fused losses, gradient accumulation; peaks at the loss and inside backward.
+sharded and replicated, TP with and without sequence parallelism, CP (ring attention), sel/full AC, the
+plain, vocabulary-parallel and fused losses, gradient accumulation; peaks at the loss and inside backward.
 
 Tolerance: 3% of the tracked peak. The tracker counts live storages rounded to 512 B (the caching
 allocator's granularity); the model omits only tensors of O(tokens) bytes (index and target tensors,
@@ -38,7 +38,7 @@ def test_model_matches_tracked_peak(tracked, name):
     scenario = SCENARIOS[name]
     if tracked[name] is None:
         pytest.skip("this checkout has no fused loss (train/fused_loss.py, Llama.forward's output_fn)")
-    layout = Layout(dp=scenario.dp, tp=scenario.tp, sequence_parallel=scenario.sequence_parallel,
+    layout = Layout(dp=scenario.dp, tp=scenario.tp, cp=scenario.cp, sequence_parallel=scenario.sequence_parallel,
                     activation_checkpoint=scenario.mode, distributed_optimizer=scenario.distributed_optimizer)
     assert layout.gpus == WORLD
     work = Workload(seq_len=scenario.tokens, fused_loss=scenario.fused_chunk is not None,

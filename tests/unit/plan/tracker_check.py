@@ -1,7 +1,7 @@
 """Peak memory of real training steps on CPU, measured by torch's FSDPMemTracker (test_tracker.py).
 
-The trainer's own pieces (the plain model, apply_tp, apply_ac, apply_fsdp, its optimizer and its loss
-functions) run one optimizer step over a fake 4-rank process group: collectives do nothing, every tensor
+The trainer's own pieces (the plain model, apply_tp, apply_cp, apply_ac, apply_fsdp, its optimizer and
+its loss functions) run one optimizer step over a fake 4-rank process group: collectives do nothing, every tensor
 is real, and the tracker records the live bytes of every storage (rounded to 512 B as the CUDA caching
 allocator does) at each point of forward, backward and the step, so its peak is what
 torch.cuda.max_memory_allocated would report for one rank. Prints one JSON object: scenario -> peak bytes.
@@ -23,6 +23,7 @@ WORLD = 4
 class Scenario:
     dp: int
     tp: int = 1
+    cp: int = 1
     sequence_parallel: bool = True
     mode: str = "none"
     vocab: int = 4096
@@ -41,6 +42,8 @@ SCENARIOS = {
     "tp2-sp-fsdp2-none": Scenario(dp=2, tp=2),
     "tp2-fsdp2-full-no-sp": Scenario(dp=2, tp=2, sequence_parallel=False, mode="full"),
     "replicated4-none-small-vocab": Scenario(dp=4, vocab=256, distributed_optimizer=False),
+    "cp2-fsdp2-none-logits": Scenario(dp=2, cp=2),
+    "cp2-fsdp2-sel-small-vocab": Scenario(dp=2, cp=2, mode="sel", vocab=256),
 }
 
 
@@ -58,30 +61,36 @@ def measure(scenario: Scenario) -> int:
     from llamatron.config.job import OptimSection
     from llamatron.model import build_model
     from llamatron.parallel.ac import apply_ac
+    from llamatron.parallel.cp import apply_cp, shard_batch
     from llamatron.parallel.fsdp import apply_fsdp
-    from llamatron.parallel.mesh import ParallelDims, build_mesh
+    from llamatron.parallel.mesh import ParallelDims, build_mesh, fsdp_mesh
     from llamatron.parallel.tp import apply_tp
     from llamatron.train.loss import loss_parts
     from llamatron.train.optim import build_optimizer
 
     torch.manual_seed(0)
     config = model_config(scenario)
-    mesh = build_mesh(ParallelDims(world_size=WORLD, tp=scenario.tp), device_type="cpu")
+    mesh = build_mesh(ParallelDims(world_size=WORLD, tp=scenario.tp, cp=scenario.cp), device_type="cpu")
     model = build_model(config, dtype=torch.float32)
     apply_tp(model, mesh["tp"], sequence_parallel=scenario.sequence_parallel, loss_parallel=True)
+    apply_cp(model, mesh["cp"])
     apply_ac(model, mode=scenario.mode, layers=1)
-    apply_fsdp(model, mesh["dp"], param_dtype=torch.bfloat16, shard=scenario.distributed_optimizer)
+    apply_fsdp(model, fsdp_mesh(mesh), param_dtype=torch.bfloat16, shard=scenario.distributed_optimizer)
     optimizer = build_optimizer(model, OptimSection())
     tokens = torch.randint(0, config.vocab_size, (1, scenario.tokens + 1), generator=torch.Generator().manual_seed(0))
+    # This rank's zigzag slice under CP (with the real positions), the whole sequence otherwise.
+    batch = shard_batch({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, cp_rank=0, cp_size=scenario.cp)
 
     def micro_batch() -> None:
         if scenario.fused_chunk is None:
-            numerator, _ = loss_parts(model(tokens[:, :-1]), tokens[:, 1:], kind="token")
+            logits = model(batch["tokens"], positions=batch.get("positions"))
+            numerator, _ = loss_parts(logits, batch["labels"], kind="token")
+            del logits
         else:
             from llamatron.train.fused_loss import fused_loss_parts
 
-            output_fn = partial(fused_loss_parts, labels=tokens[:, 1:], kind="token", chunk_size=scenario.fused_chunk)
-            numerator, _ = model(tokens[:, :-1], output_fn=output_fn)
+            output_fn = partial(fused_loss_parts, labels=batch["labels"], kind="token", chunk_size=scenario.fused_chunk)
+            numerator, _ = model(batch["tokens"], positions=batch.get("positions"), output_fn=output_fn)
         (numerator / scenario.tokens).backward()
 
     tracker = FSDPMemTracker(model, optimizer)
