@@ -71,6 +71,8 @@ def test_nothing_fits_is_said_not_an_error(capsys):
     (["--model", "8B", "--gpus", "16", "--nodes", "2", "--seq-len", "8192", "--tp", "16"],
      "no layout with tp=16: tp=16 is above the model's 8 KV heads"),
     (["--model", "8B", "--gpus", "8"], "missing --seq-len"),
+    (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--tp", "0", "--gpu-mem", "-1"],
+     "--tp must be >= 1, got 0; --gpu-mem must be positive"),
     (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--precision", "int4"], "--precision 'int4'"),
     (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--ac", "some"], "--ac 'some'"),
     (["--gpus", "8", "--from-measurement", "/nonexistent/m.json"], "no such file"),

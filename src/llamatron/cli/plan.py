@@ -4,8 +4,10 @@ depth extrapolated to the full model (docs/plan.md explains both tables)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +54,29 @@ def _default_nodes(gpus: int) -> int:
     return gpus // _GPUS_PER_NODE
 
 
-def _trainer_unsupported():
-    """What the installed trainer refuses as not built yet (pipeline, context parallelism, fp8, ...)."""
+def _trainer_refusals(model_name: str, *, global_batch: int | None):
+    """What the installed trainer refuses for a layout: options not built yet, and its own layout checks
+    (e.g. combinations it does not run), so the plan follows the trainer as it grows."""
     from llamatron.config.job import JobConfig
-    from llamatron.train.trainer import unsupported_features
+    from llamatron.errors import LlamatronError
+    from llamatron.train import trainer
 
     def check(layout, work) -> list[str]:
         job = JobConfig()
-        job.parallel.tp, job.parallel.pp, job.parallel.cp = layout.tp, layout.pp, layout.cp
-        job.parallel.virtual_pipeline = layout.virtual_pipeline
-        job.training.precision = work.precision
-        return unsupported_features(job)
+        job.model.name = model_name
+        p, t = job.parallel, job.training
+        p.tp, p.pp, p.cp, p.virtual_pipeline = layout.tp, layout.pp, layout.cp, layout.virtual_pipeline
+        p.sequence_parallel, p.distributed_optimizer = layout.sp, layout.distributed_optimizer
+        p.activation_checkpoint, p.ac_layers = layout.activation_checkpoint, layout.ac_layers
+        p.optimizer_offload = layout.optimizer_offload
+        t.precision, t.seq_len, t.micro_batch_size = work.precision, work.seq_len, work.micro_batch
+        stages = layout.pp * layout.virtual_pipeline if layout.pp > 1 else 1
+        t.global_batch_size = global_batch or work.micro_batch * layout.dp * stages
+        found = list(trainer.unsupported_features(job))
+        # A directory without weights cannot be resolved this way: then the plan's own checks stand.
+        with contextlib.suppress(LlamatronError):
+            found += trainer.layout_problems(job, world_size=layout.gpus)
+        return found
 
     return check
 
@@ -113,68 +127,102 @@ def plan_command(
 ) -> None:
     """Per-GPU memory (parameters, gradients, optimizer, activations per AC mode, loss, buffers) of every
     layout of --gpus GPUs, which fit in --gpu-mem, the recommended one and its `llamatron train` options."""
-    from llamatron.errors import LlamatronError
-    from llamatron.plan import layouts as lay
-    from llamatron.plan.memory import AC_MODES, COMPUTE_BYTES, OPTIMIZER_OFFLOAD_MODES, Workload
-
+    fixed = {"tp": tp, "pp": pp, "cp": cp}
     if from_measurement is not None:
         _extrapolate_command(from_measurement, model=model, targets=_target_counts(target_gpus, default=gpus),
-                             nodes=nodes, gpu_mem=gpu_mem, fixed={"tp": tp, "pp": pp, "cp": cp}, ac=ac,
-                             optimizer_offload=optimizer_offload, json_path=json_path)
+                             nodes=nodes, gpu_mem=gpu_mem, fixed=fixed, ac=ac, optimizer_offload=optimizer_offload,
+                             json_path=json_path)
         return
+    request = _build_request(
+        model=model, gpus=gpus, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
+        gpu_mem=gpu_mem, nodes=nodes, host_mem=host_mem, precision=precision, fused_loss=fused_loss,
+        sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline, fixed=fixed, ac=ac,
+        optimizer_offload=optimizer_offload)
+    _run_plan(request, show_all=show_all, top=top, json_path=json_path)
+
+
+@dataclass(kw_only=True)
+class _Request:
+    """A validated `llamatron plan` request."""
+
+    config: Any
+    model_name: str
+    work: Any
+    gpus: int
+    nodes: int
+    gpu_gib: float
+    host_gib: float | None
+    global_batch: int | None
+    fixed: dict[str, int]
+    ac_modes: list[str]
+    offload_modes: list[str]
+    virtual_pipeline: int
+    sequence_parallel: bool
+
+    def summary(self) -> dict[str, Any]:
+        work = self.work
+        return {"model": self.model_name, "gpus": self.gpus, "nodes": self.nodes, "gpu_mem_gib": self.gpu_gib,
+                "host_mem_gib": self.host_gib, "seq_len": work.seq_len, "micro_batch": work.micro_batch,
+                "global_batch": self.global_batch, "precision": work.precision, "fused_loss": work.fused_loss}
+
+
+def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, nodes, host_mem, precision,
+                   fused_loss, sequence_parallel, virtual_pipeline, fixed, ac, optimizer_offload) -> _Request:
+    from llamatron.errors import LlamatronError
+    from llamatron.plan.layouts import check_request
+    from llamatron.plan.memory import AC_MODES, COMPUTE_BYTES, OPTIMIZER_OFFLOAD_MODES, Workload
+
     missing = [flag for flag, value in (("--model", model), ("--gpus", gpus), ("--seq-len", seq_len)) if value is None]
     if missing:
         raise LlamatronError(f"missing {', '.join(missing)} (e.g. llamatron plan --model 8B --gpus 8 --seq-len 8192)")
     config, model_name = resolve_model(model)
     if precision not in COMPUTE_BYTES:
         raise LlamatronError(f"--precision {precision!r} is not one of {', '.join(COMPUTE_BYTES)}")
+    problems = [f"--{name} must be >= 1, got {value}" for name, value in
+                {**fixed, "virtual-pipeline": virtual_pipeline, "global-batch": global_batch}.items()
+                if value is not None and value < 1]
+    problems += [f"{flag} must be positive, got {value}" for flag, value in
+                 (("--gpu-mem", gpu_mem), ("--host-mem", host_mem)) if value is not None and value <= 0]
+    if problems:
+        raise LlamatronError("; ".join(problems))
     work = Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision, fused_loss=fused_loss)
     nodes = nodes if nodes is not None else _default_nodes(gpus)
-    lay.check_request(config, work, gpus=gpus, nodes=nodes)
-    if global_batch is not None and global_batch < 1:
-        raise LlamatronError(f"--global-batch must be >= 1, got {global_batch}")
-    ac_modes = _choice(ac, AC_MODES, "--ac")
-    offload_modes = _choice(optimizer_offload, OPTIMIZER_OFFLOAD_MODES, "--optimizer-offload")
-    gpu_gib = gpu_mem if gpu_mem is not None else (local_gpu_gib() or _DEFAULT_GPU_GIB)
-    if gpu_gib <= 0:
-        raise LlamatronError(f"--gpu-mem must be positive, got {gpu_mem}")
-    fixed = {name: value for name, value in {"tp": tp, "pp": pp, "cp": cp}.items() if value is not None}
-    if host_mem is not None and host_mem <= 0:
-        raise LlamatronError(f"--host-mem must be positive, got {host_mem}")
-    request = {"model": model_name, "gpus": gpus, "nodes": nodes, "gpu_mem_gib": gpu_gib, "host_mem_gib": host_mem,
-               "seq_len": seq_len,
-               "micro_batch": micro_batch, "global_batch": global_batch, "precision": precision,
-               "fused_loss": fused_loss}
+    check_request(config, work, gpus=gpus, nodes=nodes)
+    return _Request(
+        config=config, model_name=model_name, work=work, gpus=gpus, nodes=nodes,
+        gpu_gib=gpu_mem if gpu_mem is not None else (local_gpu_gib() or _DEFAULT_GPU_GIB), host_gib=host_mem,
+        global_batch=global_batch, fixed={name: value for name, value in fixed.items() if value is not None},
+        ac_modes=_choice(ac, AC_MODES, "--ac"),
+        offload_modes=_choice(optimizer_offload, OPTIMIZER_OFFLOAD_MODES, "--optimizer-offload"),
+        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
+    )
 
+
+def _run_plan(request: _Request, *, show_all: bool, top: int, json_path: str | None) -> None:
+    from llamatron.errors import LlamatronError
+    from llamatron.plan import layouts as lay
+    from llamatron.plan.report import plan_json, print_plan
+
+    r = request
     candidates = lay.plan_layouts(
-        config, work, gpus=gpus, gpus_per_node=gpus // nodes, gpu_mem_gib=gpu_gib, global_batch=global_batch,
-        host_mem_gib=host_mem,
-        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel, fixed=fixed, ac_modes=ac_modes,
-        offload_modes=offload_modes, unsupported=_trainer_unsupported(),
+        r.config, r.work, gpus=r.gpus, gpus_per_node=r.gpus // r.nodes, gpu_mem_gib=r.gpu_gib,
+        global_batch=r.global_batch, host_mem_gib=r.host_gib, virtual_pipeline=r.virtual_pipeline,
+        sequence_parallel=r.sequence_parallel, fixed=r.fixed, ac_modes=r.ac_modes, offload_modes=r.offload_modes,
+        unsupported=_trainer_refusals(r.model_name, global_batch=r.global_batch),
     )
     if not candidates:
-        raise LlamatronError(_no_layout_reason(config, work, gpus=gpus, nodes=nodes, fixed=fixed,
-                                               global_batch=global_batch, virtual_pipeline=virtual_pipeline,
-                                               sequence_parallel=sequence_parallel))
+        raise LlamatronError(_no_layout_reason(r))
     best = lay.recommend(candidates)
     command = None
     if best is not None:
-        options = lay.train_options(best.layout, best_work(work, best.layout, global_batch), model=model_name,
-                                    global_batch=global_batch)
-        command = ["llamatron", "train", *lay.launch_options(gpus=gpus, nodes=nodes), *options]
-    from llamatron.plan.report import plan_json, print_plan
-
+        work = lay.layout_workload(r.work, best.layout, global_batch=r.global_batch)
+        options = lay.train_options(best.layout, work, model=r.model_name, global_batch=r.global_batch)
+        command = ["llamatron", "train", *lay.launch_options(gpus=r.gpus, nodes=r.nodes), *options]
     shown = candidates if show_all else lay.best_per_layout(candidates)
     if json_path != "-":
-        print_plan(request, shown, best, command, top=top, every=candidates)
+        print_plan(r.summary(), shown, best, command, top=top, every=candidates)
     if json_path is not None:
-        _write_json(plan_json(request, shown, best, command), json_path)
-
-
-def best_work(work, layout, global_batch):
-    from llamatron.plan.layouts import layout_workload
-
-    return layout_workload(work, layout, global_batch=global_batch)
+        _write_json(plan_json(r.summary(), shown, best, command), json_path)
 
 
 def _extrapolate_command(path: Path, *, model: str | None, targets: list[int], nodes: int | None,
@@ -188,6 +236,9 @@ def _extrapolate_command(path: Path, *, model: str | None, targets: list[int], n
     from llamatron.plan.memory import AC_MODES, OPTIMIZER_OFFLOAD_MODES
     from llamatron.plan.report import extrapolation_json, print_extrapolation
 
+    bad = [f"--{name} must be >= 1, got {value}" for name, value in fixed.items() if value is not None and value < 1]
+    if bad:
+        raise LlamatronError("; ".join(bad))
     measurement = read_measurement(path)
     config, _ = resolve_model(model or measurement.model)
     gpu_gib = gpu_mem if gpu_mem is not None else (local_gpu_gib() or _DEFAULT_GPU_GIB)
@@ -229,21 +280,23 @@ def _target_counts(text: str | None, *, default: int | None) -> list[int]:
     return counts
 
 
-def _no_layout_reason(config, work, *, gpus, nodes, fixed, global_batch, virtual_pipeline, sequence_parallel) -> str:
-    """Why nothing qualifies: the pinned layout's problems, or a general message."""
+def _no_layout_reason(request: _Request) -> str:
+    """Why nothing qualifies: the pinned degrees' problems, or a general message."""
     from llamatron.plan.layouts import layout_problems
     from llamatron.plan.memory import Layout
 
-    if fixed:
-        tp, pp, cp = fixed.get("tp", 1), fixed.get("pp", 1), fixed.get("cp", 1)
-        if gpus % (tp * pp * cp):
-            return f"--gpus {gpus} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}"
-        layout = Layout(tp=tp, pp=pp, cp=cp, dp=gpus // (tp * pp * cp), sequence_parallel=sequence_parallel,
-                        virtual_pipeline=virtual_pipeline if pp > 1 else 1)
-        problems = layout_problems(config, layout, work, gpus_per_node=gpus // nodes, global_batch=global_batch)
+    r = request
+    if r.fixed:
+        tp, pp, cp = r.fixed.get("tp", 1), r.fixed.get("pp", 1), r.fixed.get("cp", 1)
+        if r.gpus % (tp * pp * cp):
+            return f"--gpus {r.gpus} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}"
+        layout = Layout(tp=tp, pp=pp, cp=cp, dp=r.gpus // (tp * pp * cp), sequence_parallel=r.sequence_parallel,
+                        virtual_pipeline=r.virtual_pipeline if pp > 1 else 1)
+        problems = layout_problems(r.config, layout, r.work, gpus_per_node=r.gpus // r.nodes,
+                                   global_batch=r.global_batch)
         if problems:
-            return f"no layout with {', '.join(f'{k}={v}' for k, v in fixed.items())}: " + "; ".join(problems)
-    return f"no layout of {gpus} GPUs suits this model and sequence length (check --seq-len and --global-batch)"
+            return f"no layout with {', '.join(f'{k}={v}' for k, v in r.fixed.items())}: " + "; ".join(problems)
+    return f"no layout of {r.gpus} GPUs suits this model and sequence length (check --seq-len and --global-batch)"
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:

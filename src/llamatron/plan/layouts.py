@@ -37,7 +37,7 @@ class Candidate:
     overhead: float
     """Expected step time over the ideal, minus one (speed.py)."""
     unsupported: tuple[str, ...] = ()
-    """Options the installed trainer does not run yet (from train.trainer.unsupported_features)."""
+    """Why the installed trainer refuses this layout (options not built yet, combinations it rejects)."""
     host_per_node: float = 0.0
     """Pinned host bytes of one node's ranks (optimizer and activation offload)."""
     shortfall: float = 0.0
@@ -213,7 +213,7 @@ def best_per_layout(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def recommend(candidates: list[Candidate]) -> Candidate | None:
-    """The fastest expected layout that fits and the trainer runs; else the fastest that fits."""
+    """The fastest expected layout that fits and the trainer accepts; else the fastest that fits."""
     fitting = [c for c in candidates if c.fits]
     runnable = [c for c in fitting if c.runnable]
     pool = runnable or fitting

@@ -49,7 +49,7 @@ def print_plan(request: dict, candidates: list[Candidate], best: Candidate | Non
     for candidate in candidates[:top]:
         parts = candidate.memory.gib()
         fits = "yes" if candidate.fits else "NO"
-        note = " (not in train yet)" if not candidate.runnable else ""
+        note = "!" if not candidate.runnable else ""
         host_cell = (f"{candidate.host_per_node / GIB:.0f}",) if host else ()
         table.add_row(*_layout_cells(candidate), *(f"{parts[key]:.1f}" for key, _ in _COMPONENTS),
                       f"{parts['allocated']:.1f}", f"{parts['total']:.1f}", *host_cell, fits + note,
@@ -57,6 +57,10 @@ def print_plan(request: dict, candidates: list[Candidate], best: Candidate | Non
     console.print(table)
     if len(candidates) > top:
         console.print(f"{len(candidates) - top} more rows: --top {len(candidates)} (or --json)", highlight=False)
+    refused = [c for c in candidates[:top] if not c.runnable]
+    if refused:
+        reasons = sorted({reason for c in refused for reason in c.unsupported})
+        console.print(f"!: `llamatron train` refuses this layout for now ({'; '.join(reasons)})", highlight=False)
     console.print(
         f"GiB per GPU at the step's peak: alloc is what the trainer logs as peak_memory_gib; total = alloc x "
         f"{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB:.1f} (allocator slack, CUDA context and NCCL)"
@@ -87,7 +91,7 @@ def print_plan(request: dict, candidates: list[Candidate], best: Candidate | Non
         f"Recommended: {describe(lay)}, distributed optimizer {'on' if lay.distributed_optimizer else 'off'}, "
         f"AC {describe_ac(lay)}, optimizer offload {lay.optimizer_offload}: {best.memory.total / GIB:.1f} of "
         f"{gib:.1f} GiB per GPU" + ("" if best.runnable else
-                                    f" (needs {', '.join(best.unsupported)}, not in `llamatron train` yet)"),
+                                    f" (`llamatron train` refuses it for now: {'; '.join(best.unsupported)})"),
         highlight=False)
     console.print("  " + shlex.join(command) + " --config RECIPE --data.data_path=DATA_PREFIX", highlight=False,
                   soft_wrap=True)
