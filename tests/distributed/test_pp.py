@@ -1,13 +1,16 @@
 """The trainer under pipeline parallelism (gloo, 2 and 4 processes) against one process: 1F1B (pp2 with
-uneven stages), interleaved 1F1B (pp2 x 2 virtual stages) and tp2 x pp2, for pretraining (with
-validation) and packed SFT; a tp2 x pp2 checkpoint holds the one-process weights, exports, and resumes at
-dp4; a tied-embedding model (Llama 3.2's layout) trains across pp2 and one process, each resuming the
-other's checkpoint; bad layouts are refused before launch with every problem listed.
+uneven stages), interleaved 1F1B (pp2 x 2 virtual stages) and tp2 x pp2 with sequence parallelism, for
+pretraining (with validation) and packed SFT; a tp2 x pp2 checkpoint holds the one-process weights,
+exports, and resumes at dp4; a tied-embedding model (Llama 3.2's layout) trains across pp2 and one
+process, each resuming the other's checkpoint; bad layouts are refused before launch with every problem
+listed.
 
 Tolerance: fp32 on CPU. The stages run the same operations as one process, and tp splits matmuls (sums
-in another order); Adam carries the rounding forward. Losses, gradient norms and validation losses must
-agree to 1e-5 relative; measured (2026-11-28, 6 iterations): losses at most 6e-8, gradient norms at
-most 4.2e-6 (tp2 x pp2; 1.8e-7 without tp), validation 6.3e-8.
+in another order); Adam carries the rounding forward. Losses and validation losses must agree to 1e-5
+relative, gradient norms to 5e-5 (tp alone moves them by 3.3e-6: the vocabulary-parallel loss forms its
+gradient its own way). Measured (2026-11-28, 6 iterations): losses at most 6.4e-8, validation 6.3e-8,
+gradient norms 1.5e-7 without tp and 7.3e-6 with it. A stage left out of the norm, or a tied embedding
+counted twice, moves it by far more.
 
 run_layout and LAYOUTS are meant for reuse: a layout is its CLI flags and its process count."""
 
@@ -27,17 +30,18 @@ from llamatron.data.packing import IGNORE_INDEX, build_row
 from llamatron.data.sft_idxmap import write_sft_idxmap
 from llamatron.model import build_model, preset
 from tests.conftest import SMALL_VOCAB_MODEL
-from tests.distributed.test_tp_train import JOB, NO_SP, read_metrics
+from tests.distributed.test_tp_train import JOB, SP, read_metrics
 from tests.distributed.test_train_dp import corpus, losses, run_train  # noqa: F401 - corpus is a fixture
 
-TOLERANCE = 1e-5  # measured <= 4.2e-6 (module docstring)
+TOLERANCE = 1e-5  # losses, measured <= 6.4e-8 (module docstring)
+GRAD_NORM_TOLERANCE = 5e-5  # measured <= 7.3e-6 with tp, 1.5e-7 without
 # 6 iterations, validation and a checkpoint at 3 and 6. The global batch of 4 in micro-batches of 2 gives
 # every pipeline the 2 micro-batches both schedules need at pp2.
 SHORT = ("--train-iters", "6", "--checkpoint.save_interval=3")
 LAYOUTS: dict[str, tuple[tuple[str, ...], int]] = {
     "pp2-uneven": (("--parallel.pp=2", "--parallel.pp_layers=1,3"), 2),
     "pp2-vp2": (("--parallel.pp=2", "--parallel.virtual_pipeline=2"), 2),
-    "tp2-pp2": (("--parallel.pp=2", "--parallel.tp=2", NO_SP), 4),
+    "tp2-pp2-sp": (("--parallel.pp=2", "--parallel.tp=2", SP), 4),
 }
 
 
@@ -52,7 +56,7 @@ def assert_same_run(records: list[dict], single: list[dict], *, name: str) -> No
     the same samples as one process) matches where it ran."""
     np.testing.assert_allclose(losses(records), losses(single), rtol=TOLERANCE, err_msg=name)
     grad_norms = [[r["grad_norm"] for r in run] for run in (records, single)]
-    np.testing.assert_allclose(*grad_norms, rtol=TOLERANCE, err_msg=name)
+    np.testing.assert_allclose(*grad_norms, rtol=GRAD_NORM_TOLERANCE, err_msg=name)
     assert [r["consumed_tokens"] for r in records] == [r["consumed_tokens"] for r in single], name
     valid = [(r["valid_loss"], s["valid_loss"]) for r, s in zip(records, single, strict=True) if "valid_loss" in s]
     assert all("valid_loss" in r for r, s in zip(records, single, strict=True) if "valid_loss" in s), name
@@ -70,7 +74,7 @@ def single_run(tmp_path_factory, corpus) -> Path:  # noqa: F811
 @pytest.fixture(scope="module")
 def tp2_pp2_run(tmp_path_factory, corpus) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("tp2-pp2") / "run"
-    run_layout(out, corpus, "tp2-pp2", "--training.eval_interval=3")
+    run_layout(out, corpus, "tp2-pp2-sp", "--training.eval_interval=3")
     return out
 
 
@@ -78,7 +82,7 @@ def tp2_pp2_run(tmp_path_factory, corpus) -> Path:  # noqa: F811
 def test_pretraining_under_pp_equals_one_process(tmp_path, corpus, single_run, tp2_pp2_run):  # noqa: F811
     single = read_metrics(single_run)
     assert sum("valid_loss" in r for r in single) == 2
-    assert_same_run(read_metrics(tp2_pp2_run), single, name="tp2-pp2")
+    assert_same_run(read_metrics(tp2_pp2_run), single, name="tp2-pp2-sp")
     for name in ("pp2-uneven", "pp2-vp2"):
         assert_same_run(run_layout(tmp_path / name, corpus, name, "--training.eval_interval=3"), single, name=name)
 

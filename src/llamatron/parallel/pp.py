@@ -204,16 +204,20 @@ def build_schedule(
     input_shape: tuple[int, int],
     hidden_dtype: torch.dtype,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sequence_shards: int = 1,
 ):
     """The stages (after TP/AC/FSDP) in their schedule: 1F1B for one stage per rank, interleaved 1F1B
-    for several. `input_shape` is one micro-batch's (batch, seq). The activations' shapes are given
-    up front (static metadata), so the schedule never runs a trial forward to infer them.
+    for several. `input_shape` is one micro-batch's (batch, seq); between stages a rank's hidden state
+    holds seq / sequence_shards positions (tp with sequence parallelism: each tp rank sends its part to
+    its peer of the next stage, as Megatron does). The activations' shapes are given up front (static
+    metadata), so the schedule never runs a trial forward to infer them.
 
     The schedule calls loss_fn(last stage output, target) per micro-batch and backpropagates what it
     returns; it scales nothing itself (scale_grads=False): the caller's loss carries the normalisation."""
     # requires_grad: the hidden states' gradients travel back between the stages.
-    hidden = torch.empty(*input_shape, split.stages[0].config.hidden_size, dtype=hidden_dtype, device="meta",
-                         requires_grad=True)
+    batch, seq = input_shape
+    hidden = torch.empty(batch, seq // sequence_shards, split.stages[0].config.hidden_size, dtype=hidden_dtype,
+                         device="meta", requires_grad=True)
     tokens = torch.empty(*input_shape, dtype=torch.long, device="meta")
     stages = []
     for module, index in zip(split.stages, split.indices, strict=True):
@@ -232,15 +236,17 @@ def build_schedule(
 @torch.no_grad()
 def forward_only(
     split: PipelineSplit, *, pp_group: dist.ProcessGroup, tokens: torch.Tensor, hidden_dtype: torch.dtype,
-    **kwargs: torch.Tensor,
+    sequence_shards: int = 1, **kwargs: torch.Tensor,
 ) -> torch.Tensor | None:
     """One micro-batch through every stage, stage after stage (validation needs no overlap): returns the
     last stage's output (logits) on the rank that runs it, None elsewhere. Every rank of the pipeline
-    calls this with the same batch; `kwargs` (positions, document_ids) go to every stage.
+    calls this with the same batch; `kwargs` (positions, document_ids) go to every stage. The hidden
+    states between stages hold seq / sequence_shards positions (see build_schedule).
 
     The blocking sends and receives follow the stage order on every rank, so they always meet."""
     pp = pp_group.size()
-    hidden_shape = (*tokens.shape, split.stages[0].config.hidden_size)
+    batch, seq = tokens.shape
+    hidden_shape = (batch, seq // sequence_shards, split.stages[0].config.hidden_size)
     output = None
     for module, index in zip(split.stages, split.indices, strict=True):
         if index == 0:

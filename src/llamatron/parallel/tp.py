@@ -126,9 +126,8 @@ def apply_tp(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss
         return
     problems = tp_problems(model.config, tp_mesh.size())
     assert not problems, problems  # the trainer refuses these before building anything
-    if sequence_parallel and model.embed_tokens is None:
-        # A later pipeline stage receives the hidden state whole; shard it like the embedding's output.
-        raise NotImplementedError("sequence parallelism on a pipeline stage without embeddings")
+    # A later pipeline stage (no embedding) receives the previous stage's output as it left that tp rank:
+    # with sequence parallelism this rank's part of the sequence, which its first norm takes as it is.
     parallelize_module(model, tp_mesh, root_plan(model, sequence_parallel=sequence_parallel,
                                                  loss_parallel=loss_parallel))
     for block in model.layers.values():

@@ -73,10 +73,10 @@ class StepResult:
 class _PipelineLoss:
     """The pipeline schedule's loss_fn: on the last stage, each micro-batch's loss exactly as
     Trainer._forward_backward computes it (numerator / the global batch's count), recorded for the log;
-    it returns what is backpropagated (times the data-parallel size, fp16-scaled)."""
+    it returns what is backpropagated (times the ranks FSDP averages gradients over, fp16-scaled)."""
 
-    def start(self, *, kind: str, global_count: float, dp_size: int, scaler: LossScaler) -> None:
-        self.kind, self.global_count, self.dp_size, self.scaler = kind, global_count, dp_size, scaler
+    def start(self, *, kind: str, global_count: float, grad_ranks: int, scaler: LossScaler) -> None:
+        self.kind, self.global_count, self.grad_ranks, self.scaler = kind, global_count, grad_ranks, scaler
         self.losses: list[float] = []
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class _PipelineLoss:
         numerator, _ = loss_parts(logits, labels, kind=self.kind, document_ids=document_ids)
         loss = numerator / max(self.global_count, 1.0)
         self.losses.append(loss.detach().float().item())
-        return self.scaler.scale(loss * self.dp_size)
+        return self.scaler.scale(loss * self.grad_ranks)
 
     def total(self) -> float:
         return sum(self.losses, 0.0)
@@ -98,6 +98,16 @@ def _pack_target(labels: torch.Tensor, document_ids: torch.Tensor | None) -> tor
 
 def _unpack_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (target, None) if target.ndim == 2 else (target[..., 0], target[..., 1])
+
+
+def _with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with explicit positions (0..seq-1 per row where it has none): a later pipeline stage
+    cannot count them from its input, a part of the sequence under sequence parallelism."""
+    if "positions" in batch:
+        return batch
+    rows, seq = batch["tokens"].shape
+    positions = torch.arange(seq, device=batch["tokens"].device).repeat(rows, 1)  # (batch, seq)
+    return {**batch, "positions": positions}
 
 
 class Trainer:
@@ -246,10 +256,12 @@ class Trainer:
                 pipe, pp_group=self.pp_group, device=self.env.device, microbatches=len(micro_batches),
                 input_shape=tuple(micro_batches[0]["tokens"].shape),
                 hidden_dtype=compute_dtype(self.config.training.precision), loss_fn=self._pipeline_loss,
+                sequence_shards=self._sequence_shards(),
             )
         # One batch of all micro-batches; the schedule cuts it back into the same micro-batches.
-        batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.env.device) for k in micro_batches[0]}
-        self._pipeline_loss.start(kind=kind, global_count=global_count, dp_size=self.plan.dp_size,
+        batch = _with_positions({k: torch.cat([mb[k] for mb in micro_batches]).to(self.env.device)
+                                 for k in micro_batches[0]})
+        self._pipeline_loss.start(kind=kind, global_count=global_count, grad_ranks=self.grad_ranks,
                                   scaler=self.scaler)
         # Positions and document ids reach every stage (attention masks and RoPE); labels the last.
         kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
@@ -258,6 +270,11 @@ class Trainer:
         self._pipeline_schedule.step(*inputs, target=target, **kwargs)
         sync_tied_grads(pipe, self._tied_group)
         return self._pipeline_loss.total()
+
+    def _sequence_shards(self) -> int:
+        """Parts of the sequence a pipeline's hidden state is cut into between stages (see build_schedule)."""
+        p = self.config.parallel
+        return p.tp if p.sequence_parallel else 1
 
     def _batch_sum(self, values: list[float]) -> list[float]:
         """Sum per-rank values over the batch: the data-parallel ranks (x cp: each holds a slice of every
@@ -340,8 +357,10 @@ class Trainer:
         kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
         if self.pipeline is None:
             return self.model(mb["tokens"], **kwargs)
+        kwargs["positions"] = _with_positions(mb)["positions"]
         return forward_only(self.pipeline, pp_group=self.pp_group, tokens=mb["tokens"],
-                            hidden_dtype=compute_dtype(self.config.training.precision), **kwargs)
+                            hidden_dtype=compute_dtype(self.config.training.precision),
+                            sequence_shards=self._sequence_shards(), **kwargs)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> None:
@@ -474,9 +493,6 @@ def _pipeline_problems(config: JobConfig, *, dims: ParallelDims, batch_ok: bool)
     num_layers = resolve_model_config(config).num_layers
     found = pp_problems(num_layers=num_layers, pp=p.pp, virtual_pipeline=p.virtual_pipeline, pp_layers=p.pp_layers,
                         microbatches=microbatches)
-    if p.pp > 1 and p.tp > 1 and p.sequence_parallel:
-        found.append("parallel.sequence_parallel with parallel.pp > 1 is not supported yet; set "
-                     "parallel.sequence_parallel=false (tensor parallelism itself works with pp)")
     if p.pp > 1 and p.activation_checkpoint == "full" and not found:
         counts = p.pp_layers or [num_layers // (p.pp * p.virtual_pipeline)] * (p.pp * p.virtual_pipeline)
         if any(count % p.ac_layers for count in counts):
@@ -485,7 +501,6 @@ def _pipeline_problems(config: JobConfig, *, dims: ParallelDims, batch_ok: bool)
                 f"pipeline stages have {counts} blocks; choose ac_layers dividing every stage's count"
             )
     return found
-
 
 
 def unsupported_features(config: JobConfig) -> list[str]:
