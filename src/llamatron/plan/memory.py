@@ -353,7 +353,9 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
     # resident while this one's activations are.
     held_microbatches = -(-inflight // layout.virtual_pipeline)
     accumulating = work.microbatches is None or work.microbatches > held_microbatches
-    fp8_bytes = 1 if work.precision == "fp8" else d.c  # fp8 all-gathers the blocks' linears in fp8
+    # fp8 (parallel/fp8.py) all-gathers the blocks' linears in fp8 where FSDP shards over dp ranks.
+    fp8_gather = work.precision == "fp8" and layout.distributed_optimizer and layout.dp > 1
+    fp8_bytes = 1 if fp8_gather else d.c
     block_copy = fp8_bytes * p.block_matmul + d.c * (p.block - p.block_matmul)
     root_copy = d.c * p.root
     # The output layer's compute-dtype gradient waits for the root's reduce-scatter at the very end.
