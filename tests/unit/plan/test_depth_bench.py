@@ -63,3 +63,27 @@ def test_bench_end_to_end_on_cpu(tmp_path, capsys):
     assert main(["plan", "--from-measurement", str(out), "--target-gpus", "2,4", "--json", "-"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [t["gpus"] for t in result["targets"]] == [2, 4] and result["residual_gib"] is None
+
+
+def test_plan_check_reads_train_bench_output(tmp_path, capsys, monkeypatch):
+    """bench/plan_check.py on a train_bench result shaped like the 2 x H200 8B FSDP2 run of BENCHMARKS.md
+    (plain loss): the prediction for it, its layout and options taken from the run's overrides."""
+    import plan_check
+
+    bench = {"model": "llama3.1-8b", "seq_len": 8192, "micro_batch": 1, "gpus": 2, "global_batch": 2,
+             "precision": "bf16", "device": "NVIDIA H200",
+             "runs": [{"variant": "eager", "overrides": ["--training.fused_loss=false", "--training.compile=false"],
+                       "peak_memory_gib": 110.3},
+                      {"variant": "tp2", "overrides": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
+                       "peak_memory_gib": None},
+                      {"variant": "compile", "overrides": ["--training.compile=true"], "peak_memory_gib": 90.0}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    monkeypatch.setattr(sys, "argv", ["plan_check.py", str(path), "--json", str(tmp_path / "rows.json")])
+    assert plan_check.main() == 0
+    eager, tp2, compiled = json.loads((tmp_path / "rows.json").read_text())
+    # The trainer now drops the logits before backward (the measured run kept them: +1.96 GiB).
+    assert eager["predicted_gib"] == pytest.approx(110.3 - 1.96, rel=0.01) and eager["layout"] == "tp1 pp1 cp1 dp2"
+    assert tp2["layout"] == "tp2 pp1 cp1 dp1" and tp2["error"] is None
+    assert compiled["predicted_gib"] is None
+    assert "| llama3.1-8b | 2 | 8192 |" in capsys.readouterr().out
