@@ -220,9 +220,9 @@ def _run_plan(request: _Request, *, show_all: bool, top: int, json_path: str | N
         command = ["llamatron", "train", *lay.launch_options(gpus=r.gpus, nodes=r.nodes), *options]
     shown = candidates if show_all else lay.best_per_layout(candidates)
     if json_path != "-":
-        print_plan(r.summary(), shown, best, command, top=top, every=candidates)
+        print_plan(r.summary(), shown, best=best, command=command, top=top, every=candidates)
     if json_path is not None:
-        _write_json(plan_json(r.summary(), shown, best, command), json_path)
+        _write_json(plan_json(r.summary(), shown, best=best, command=command), json_path)
 
 
 def _extrapolate_command(path: Path, *, model: str | None, targets: list[int], nodes: int | None,
@@ -261,7 +261,8 @@ def _extrapolate_command(path: Path, *, model: str | None, targets: list[int], n
     if json_path != "-":
         print_extrapolation(measurement, results, residual=residual, gpu_gib=gpu_gib, warning=warning)
     if json_path is not None:
-        _write_json(extrapolation_json(measurement, results, residual, gpu_gib, warning), json_path)
+        _write_json(extrapolation_json(measurement, results, residual=residual, gpu_gib=gpu_gib, warning=warning),
+                    json_path)
 
 
 def _target_counts(text: str | None, *, default: int | None) -> list[int]:

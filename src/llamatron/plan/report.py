@@ -28,8 +28,8 @@ def _layout_cells(candidate: Candidate) -> list[str]:
     return [describe(lay), "yes" if lay.distributed_optimizer else "no", describe_ac(lay), lay.optimizer_offload]
 
 
-def print_plan(request: dict, candidates: list[Candidate], best: Candidate | None, command: list[str] | None,
-               *, top: int, every: list[Candidate] | None = None) -> None:
+def print_plan(request: dict, candidates: list[Candidate], *, best: Candidate | None, command: list[str] | None,
+               top: int, every: list[Candidate] | None = None) -> None:
     """The table of `candidates` (the first `top`), the recommendation and its command; `every` (all the
     options evaluated) tells what comes closest when nothing fits."""
     console = _console()
@@ -110,7 +110,7 @@ def candidate_json(candidate: Candidate) -> dict[str, Any]:
     }
 
 
-def plan_json(request: dict, candidates: list[Candidate], best: Candidate | None,
+def plan_json(request: dict, candidates: list[Candidate], *, best: Candidate | None,
               command: list[str] | None) -> dict[str, Any]:
     recommended = None
     if best is not None:
@@ -153,7 +153,7 @@ def print_extrapolation(measurement: Measurement, results: list[Extrapolation], 
     console.print(table)
 
 
-def extrapolation_json(measurement: Measurement, results: list[Extrapolation],
+def extrapolation_json(measurement: Measurement, results: list[Extrapolation], *,
                        residual: tuple[float, float] | None, gpu_gib: float, warning: str | None = None) -> dict[str, Any]:
     return {
         "warning": warning,
