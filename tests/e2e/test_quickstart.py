@@ -31,7 +31,7 @@ def test_tiny_quickstart_runs_every_step(tmp_path):
     assert "$ llamatron convert hf-to-mcore" in out and "--tp 3 --pp 2 --check" in out
     assert "$ llamatron train --config" in out and "--nproc-per-node 2" in out
     assert "CMMLU demo set: accuracy before and after" in out
-    assert "user: Who are you?" in out and "after SFT:" in out
+    assert "user: What do bees make?" in out and "after SFT:" in out
     # the 2-process run logged every iteration, and SFT's loss fell (tiny model, lr 3e-3, 8 steps)
     cpt = [json.loads(line) for line in (work / "runs/cpt/metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in cpt] == [1, 2, 3] and "valid_loss" in cpt[-1]

@@ -33,9 +33,9 @@ CORPUS = ASSETS / "corpus" / "demo_corpus.jsonl"
 SFT_TRAIN = ASSETS / "sft" / "demo_alpaca.jsonl"
 SFT_VALID = ASSETS / "sft" / "demo_valid.jsonl"
 EVAL_DATA = ASSETS / "eval" / "cmmlu_demo"
-# One prompt the SFT set teaches an answer to, one it does not: the first shows what SFT learned,
-# the second whether the model still answers in general.
-CHAT_PROMPTS = ("Who are you?", "What is the capital of Italy?")
+# Questions not asked as such in the SFT records (the first is in the validation set, the second is a
+# paraphrase of a training one): the SFT records answer in a few words, so the answers should get short.
+CHAT_PROMPTS = ("What is the capital of Japan?", "What do bees make?")
 TINY_NAME = "the tiny random model"
 
 
@@ -245,8 +245,8 @@ def print_comparison(before: Path, after: Path) -> None:
 def step_chat(demo: Demo) -> None:
     _require(demo.hf_out, step=7, producer="5")
     _say("""
-        The same questions to the model you started from and to the fine-tuned one (greedy). The first is
-        in the SFT set ("I am a small assistant fine-tuned with llamatron."), the second is not.""")
+        The same questions to the model you started from and to the fine-tuned one (greedy). Neither is a
+        training record as asked; the SFT records answer in a few words, and so should the fine-tuned model.""")
     answers = {}
     for label, path in (("before", demo.base), ("after", demo.hf_out)):
         print(f"$ llamatron generate --model {shlex.quote(str(path))} --chat --greedy --max-new-tokens "

@@ -88,7 +88,9 @@ def load_run(root: Path) -> RunData:
 
 def find_eval_results(root: Path) -> list[EvalResult]:
     """Results files of `llamatron eval --output` under RUN_DIR/eval/ (and RUN_DIR/results*.json)."""
-    candidates = sorted((root / "eval").glob("*.json")) + sorted(root.glob("results*.json"))
+    # In the order they were written (a "before" evaluation is listed before its "after").
+    candidates = sorted([*(root / "eval").glob("*.json"), *root.glob("results*.json")],
+                        key=lambda p: (p.stat().st_mtime, p.name))
     found = []
     for path in candidates:
         try:
