@@ -1,12 +1,16 @@
 """Conversion benchmark: a random-init Llama 3.1 8B (bf16, ~16 GB) to Megatron-Core TP4 x PP2 and back.
 
-    .venv/bin/python bench/convert_bench.py --workdir /tmp/convert-bench --json bench-convert.json
+    .venv/bin/python bench/convert_bench.py --workdir /tmp/convert-bench --json bench-convert.json [--repeat 3]
 
 Makes the HF directory by streaming random tensors through HFCheckpointWriter (never the whole
 model in memory), times `cp -r` of it as the I/O baseline, then runs `llamatron convert hf-to-mcore`
 and `mcore-to-hf` as child processes, recording each one's wall time, peak RSS (the kernel's
 high-water mark VmHWM, which counts memory-mapped file pages touched) and peak anonymous memory (sampled).
-Spot-checks that the round trip is bit-identical, writes JSON, and deletes everything it made.
+With --repeat N, `cp -r` of the HF directory and mcore-to-hf run N times, alternating, so both see
+the same load on a shared machine; `cp -r` of the Megatron directory (mcore-to-hf's input) is timed
+each round too. Checks that the round trip is bit-identical (a sample of tensors, or all with
+--check-all), writes JSON with the 1-minute load average around each step, and deletes everything
+it made. Disk: about three times the model (HF, Megatron-Core and the converted copy at once).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from pathlib import Path
 import torch
 
 
-def make_random_hf(out: Path, *, preset_name: str, seed: int) -> None:
+def make_random_hf(out: Path, *, preset_name: str, seed: int, num_layers: int | None = None) -> None:
     from llamatron.checkpoint.hf import HFCheckpointWriter, expected_hf_shapes
     from llamatron.model import preset
 
     config = preset(preset_name)
+    if num_layers is not None:  # a smaller proxy with the same tensor shapes
+        config = config.replace(num_layers=num_layers)
     generator = torch.Generator().manual_seed(seed)
     # With the Llama 3 tokenizer files, as Meta's directories have them (conversions carry them along).
     with HFCheckpointWriter(out, config=config, dtype=torch.bfloat16, tokenizer="llama3") as writer:
@@ -55,6 +61,7 @@ def _sample_anon(pid: int, peak: dict[str, int], stop: threading.Event) -> None:
 def run_measured(cmd: list[str]) -> dict[str, float]:
     """Wall time, peak RSS (VmHWM, sampled every 0.1 s until exit) and peak RssAnon (sampled).
     ru_maxrss is not used: a child forked from this (large) process inherits its high-water mark."""
+    load_before = os.getloadavg()[0]
     start = time.monotonic()
     proc = subprocess.Popen(cmd)
     peak: dict[str, int] = {}
@@ -69,15 +76,17 @@ def run_measured(cmd: list[str]) -> dict[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
     return {"wall_s": round(wall, 1), "peak_rss_gib": round(peak.get("hwm_kib", 0) / 2**20, 2),
-            "peak_anon_gib": round(peak.get("anon_kib", 0) / 2**20, 2)}
+            "peak_anon_gib": round(peak.get("anon_kib", 0) / 2**20, 2),
+            "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def spot_check(a: Path, b: Path) -> list[str]:
-    """Bit-identical round trip for a sample of tensors (first/last layer, embedding, output layer)."""
+def spot_check(a: Path, b: Path, *, check_all: bool = False) -> list[str]:
+    """Bit-identical round trip for a sample of tensors (first/last layer, embedding, output layer),
+    or for every tensor."""
     from llamatron.checkpoint.hf import HFCheckpointReader
 
     left, right = HFCheckpointReader(a), HFCheckpointReader(b)
@@ -88,6 +97,8 @@ def spot_check(a: Path, b: Path) -> list[str]:
                  "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                  "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                  "input_layernorm.weight", "post_attention_layernorm.weight"))]
+    if check_all:
+        names = left.names()
     for name in names:
         if not torch.equal(left.get(name), right.get(name)):
             raise SystemExit(f"round trip changed {name}")
@@ -99,8 +110,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llamatron-convert-bench"))
     parser.add_argument("--json", type=Path, default=Path("bench-convert.json"))
     parser.add_argument("--preset", default="llama3.1-8b")
+    parser.add_argument("--num-layers", type=int, default=None, help="Fewer layers than the preset (a quick proxy).")
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="Rounds of cp -r and mcore-to-hf (alternating).")
+    parser.add_argument("--check-all", action="store_true", help="Compare every tensor, not a sample.")
     parser.add_argument("--keep", action="store_true", help="Keep the directories (default: delete them).")
     args = parser.parse_args()
 
@@ -110,12 +124,12 @@ def main() -> None:
     work.mkdir(parents=True)
     hf, copy, mcore_dir, back = work / "hf", work / "hf-copy", work / "mcore", work / "hf-back"
     cli = [sys.executable, "-m", "llamatron.cli.main", "convert"]
-    result: dict[str, object] = {"preset": args.preset, "tp": args.tp, "pp": args.pp, "host": platform.node(),
+    result: dict[str, object] = {"preset": args.preset, "num_layers": args.num_layers, "tp": args.tp, "pp": args.pp, "host": platform.node(),
                                  "cpus": os.cpu_count(), "torch": torch.__version__,
                                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         start = time.monotonic()
-        make_random_hf(hf, preset_name=args.preset, seed=0)
+        make_random_hf(hf, preset_name=args.preset, seed=0, num_layers=args.num_layers)
         result["make_hf_s"] = round(time.monotonic() - start, 1)
         result["hf_bytes"] = dir_bytes(hf)
         result["cp_r"] = run_measured(["cp", "-r", str(hf), str(copy)])
@@ -123,11 +137,29 @@ def main() -> None:
         result["hf_to_mcore"] = run_measured([*cli, "hf-to-mcore", "--hf", str(hf), "--out", str(mcore_dir),
                                               "--tp", str(args.tp), "--pp", str(args.pp)])
         result["mcore_bytes"] = dir_bytes(mcore_dir)
-        result["mcore_to_hf"] = run_measured([*cli, "mcore-to-hf", "--mcore", str(mcore_dir), "--out", str(back)])
-        result["spot_checked_tensors"] = len(spot_check(hf, back))
         cp_s = result["cp_r"]["wall_s"]
         result["ratio_hf_to_mcore_vs_cp"] = round(result["hf_to_mcore"]["wall_s"] / cp_s, 2)
-        result["ratio_mcore_to_hf_vs_cp"] = round(result["mcore_to_hf"]["wall_s"] / cp_s, 2)
+        rounds = []
+        for i in range(args.repeat):
+            # The first round uses the cp -r timed above; later ones time it again next to mcore-to-hf.
+            cp_hf = result["cp_r"] if i == 0 else run_measured(["cp", "-r", str(hf), str(copy)])
+            shutil.rmtree(copy, ignore_errors=True)
+            cp_mcore = run_measured(["cp", "-r", str(mcore_dir), str(copy)])
+            shutil.rmtree(copy)
+            to_hf = run_measured([*cli, "mcore-to-hf", "--mcore", str(mcore_dir), "--out", str(back)])
+            if i == args.repeat - 1:
+                result["checked_tensors"] = len(spot_check(hf, back, check_all=args.check_all))
+            if i < args.repeat - 1:
+                shutil.rmtree(back)
+            rounds.append({"cp_r": cp_hf, "cp_r_mcore": cp_mcore, "mcore_to_hf": to_hf,
+                           "ratio_vs_cp": round(to_hf["wall_s"] / cp_hf["wall_s"], 2),
+                           "ratio_vs_cp_mcore": round(to_hf["wall_s"] / cp_mcore["wall_s"], 2)})
+            print(json.dumps(rounds[-1]), flush=True)
+        result["mcore_to_hf"] = rounds[0]["mcore_to_hf"]
+        result["ratio_mcore_to_hf_vs_cp"] = rounds[0]["ratio_vs_cp"]
+        result["mcore_to_hf_rounds"] = rounds
+        ratios = [r["ratio_vs_cp"] for r in rounds]
+        result["ratio_mcore_to_hf_vs_cp_range"] = [min(ratios), max(ratios)]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

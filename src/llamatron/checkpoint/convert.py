@@ -242,8 +242,13 @@ def mcore_to_hf(
     iteration: int | str | None = None, force: bool = False, max_shard_bytes: int = 2 * 2**30,
 ) -> Path:
     """Write a complete HF directory (weights, config.json from `args`, tokenizer) from a Megatron-Core
-    checkpoint of any TP x PP; optimizer entries in the shards are ignored. The HF writer holds one
-    output shard in memory, so `max_shard_bytes` (2 GiB) bounds the memory this needs."""
+    checkpoint of any TP x PP; optimizer entries in the shards are ignored.
+
+    Each HF tensor is described by byte ranges of the shard files (checkpoint/stored.py): tensors
+    joined along rows (q/k/v, gate/up, the vocabulary, norms) are copied into the output by the
+    kernel (copy_file_range, as `cp` does) and never enter this process's memory; o_proj and
+    down_proj, joined along columns, pass through one reused buffer (read, join, write). A dtype
+    change reads through memory, 64 MiB at a time. `max_shard_bytes` (2 GiB) sizes the output files."""
     mcore_dir, out = Path(mcore_dir), Path(out)
     reader = mcore.McoreCheckpointReader(mcore_dir, iteration=iteration)
     dtype = dtype or reader.dtype
@@ -251,17 +256,23 @@ def mcore_to_hf(
         tokenizer = default_tokenizer(mcore_dir, vocab_size=reader.config.vocab_size)
     progress = _Progress(what="writing HF", total_bytes=reader.config.num_params() * dtype.itemsize,
                          steps=reader.config.num_layers + 3)
+    pending = 0
+
+    def written(name: str, nbytes: int) -> None:
+        # Layers end with their norms (keymaps.layer_pieces): one progress step per layer.
+        nonlocal pending
+        pending += nbytes
+        name = name.removeprefix("model.")
+        if not name.startswith("layers.") or name.endswith("post_attention_layernorm.weight"):
+            progress.step(name.rsplit(".", 2)[0] if name.startswith("layers.") else name, pending)
+            pending = 0
+
     try:
         with output_lock(out), HFCheckpointWriter(out, config=reader.config, dtype=dtype, force=force,
-                                                  tokenizer=tokenizer, max_shard_bytes=max_shard_bytes) as writer:
-            pending = 0
-            for name, tensor in reader.tensors():
-                writer.write(hf_name(name), tensor, owned=True)  # merged afresh per layer
-                pending += tensor.numel() * dtype.itemsize
-                # merge_layer yields a layer's norms last: one progress step per layer
-                if not name.startswith("layers.") or name.endswith("post_attention_layernorm.weight"):
-                    progress.step(name.rsplit(".", 2)[0] if name.startswith("layers.") else name, pending)
-                    pending = 0
+                                                  tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                                                  on_written=written) as writer:
+            for name, tensor in reader.stored_tensors():
+                writer.write(hf_name(name), tensor, owned=True)  # a StoredTensor, or one merged afresh
     finally:
         progress.close()
     return out

@@ -9,11 +9,13 @@ download fails with the file's name instead of a confusing error deep inside a c
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import struct
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from llamatron.checkpoint.atomic import atomic_output_dir
+from llamatron.checkpoint.stored import Scratch, StoredTensor, pwrite_all, pwrite_tensor
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model.config import LlamaConfig, from_hf_config, to_hf_config
 from llamatron.model.llama import Llama, build_model
@@ -261,6 +264,11 @@ class HFCheckpointWriter:
     exit writes the index, config.json, generation_config.json and tokenizer files, then renames the
     directory into place. On any error nothing is left behind.
 
+    Tensors wait in memory until their shard is written; a `StoredTensor` (byte ranges of another
+    file) waits as a reference and is copied by the kernel when its shard is written, so a
+    conversion from such ranges holds no weights at all. `on_written(name, nbytes)` is called as
+    each tensor's bytes reach the file.
+
     Names and shapes are checked against `config` as they arrive, and a missing tensor fails the
     close, so a converter bug cannot produce a checkpoint that loads with random weights."""
 
@@ -273,6 +281,7 @@ class HFCheckpointWriter:
         max_shard_bytes: int = 5 * 2**30,
         force: bool = False,
         tokenizer: str | Path | None = None,
+        on_written: Callable[[str, int], None] | None = None,
     ) -> None:
         if not dtype.is_floating_point:
             raise LlamatronError(f"HF checkpoint dtype must be floating point (bf16, fp16, fp32), got {dtype}")
@@ -286,7 +295,9 @@ class HFCheckpointWriter:
         self.tokenizer = _check_tokenizer_source(tokenizer)
         self._expected = expected_hf_shapes(config)
         self._written: set[str] = set()
-        self._pending: dict[str, torch.Tensor] = {}
+        self.on_written = on_written
+        self._scratch = Scratch()  # reused by StoredTensors that pass through memory
+        self._pending: dict[str, torch.Tensor | StoredTensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (temporary file name, tensor names, bytes)
         self._context: Any = None
@@ -297,9 +308,10 @@ class HFCheckpointWriter:
         self._tmp = self._context.__enter__()
         return self
 
-    def write(self, name: str, tensor: torch.Tensor, *, owned: bool = False) -> None:
+    def write(self, name: str, tensor: torch.Tensor | StoredTensor, *, owned: bool = False) -> None:
         """Queue `tensor` for the current shard. owned=True: the caller hands it over and will not
-        change it, so no defensive copy is made (converters pass freshly built tensors)."""
+        change it, so no defensive copy is made (converters pass freshly built tensors). A
+        StoredTensor is cast to the writer's dtype as it is copied."""
         assert self._tmp is not None, "use HFCheckpointWriter as a context manager"
         if self.config.tie_word_embeddings and name == "lm_head.weight":
             return  # tied: HF stores only the embedding
@@ -314,12 +326,13 @@ class HFCheckpointWriter:
             raise LlamatronError(
                 f"tensor {name} has shape {tuple(tensor.shape)}, the config needs {self._expected[name]}"
             )
-        converted = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        if converted.data_ptr() == tensor.data_ptr() and not owned:
-            # Held until the shard is written: a copy keeps later in-place edits by the caller out of it.
-            converted = converted.clone()
-        tensor = converted
-        nbytes = tensor.numel() * tensor.element_size()
+        if isinstance(tensor, torch.Tensor):
+            converted = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+            if converted.data_ptr() == tensor.data_ptr() and not owned:
+                # Held until the shard is written: a copy keeps later in-place edits by the caller out of it.
+                converted = converted.clone()
+            tensor = converted
+        nbytes = math.prod(tensor.shape) * self.dtype.itemsize
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._pending[name] = tensor
@@ -338,7 +351,8 @@ class HFCheckpointWriter:
     def _flush(self) -> None:
         assert self._tmp is not None
         file = f"shard-{len(self._shards) + 1:05d}.tmp"
-        _write_safetensors(self._tmp / file, self._pending)
+        _write_safetensors(self._tmp / file, self._pending, dtype=self.dtype, on_written=self.on_written,
+                           scratch=self._scratch)
         self._shards.append((file, list(self._pending), self._pending_bytes))
         self._pending = {}
         self._pending_bytes = 0
@@ -368,9 +382,20 @@ class HFCheckpointWriter:
         _write_tokenizer(self._tmp, self.tokenizer)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init calls. Only shapes are wanted, and a random init on the meta device runs
+    torch's Python reference kernels, whose first use imports torch._dynamo: 2-4 s of a conversion
+    on a loaded 2-core machine."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if kwargs and "tensor" in kwargs else args[0]  # init functions return it
+        return func(*args, **(kwargs or {}))
+
+
 def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for a config (lm_head left out when tied), without allocating weights."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Llama(config)
     shapes = {hf_name(name): tuple(p.shape) for name, p in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -395,25 +420,37 @@ def generation_config(config: LlamaConfig) -> dict[str, Any]:
     return out
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file straight from the tensors' memory (no serialised copy in RAM).
+def _write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor | StoredTensor], *, dtype: torch.dtype,
+    on_written: Callable[[str, int], None] | None = None, scratch: Scratch | None = None,
+) -> None:
+    """Write one safetensors file straight from the tensors' memory or, for StoredTensors (written
+    as `dtype`), from their files (no serialised copy in RAM).
     Format: u64 little-endian header length, JSON header padded with spaces to 8 bytes, raw data."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+        out_dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else dtype
+        nbytes = math.prod(tensor.shape) * out_dtype.itemsize
+        header[name] = {"dtype": _DTYPE_CODES[out_dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
-                # (numel * itemsize,) bytes; a uint8 view works for bf16, which numpy lacks.
-                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        prefix = struct.pack("<Q", len(encoded)) + encoded
+        pwrite_all(fd, prefix, 0)
+        for name, tensor in tensors.items():
+            begin, end = header[name]["data_offsets"]
+            if isinstance(tensor, torch.Tensor):
+                pwrite_tensor(fd, tensor, len(prefix) + begin)
+            else:
+                tensor.write_into(fd, len(prefix) + begin, dtype=dtype, scratch=scratch)
+            if on_written is not None:
+                on_written(name, end - begin)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

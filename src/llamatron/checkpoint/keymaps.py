@@ -314,37 +314,70 @@ def _few(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
-def merge_layer(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, layer: int) -> dict[str, torch.Tensor]:
-    """One decoder layer's internal tensors from the TP shards of its stage (any TP)."""
+@dataclass(frozen=True)
+class Pieces:
+    """One internal tensor as views of TP shard tensors: `torch.cat(parts, dim)` reshaped to `shape`.
+    Kept apart from the cat so the same table serves merging in memory and copying file byte ranges
+    (`checkpoint/stored.py`) without reading the data into this process."""
+
+    parts: tuple[torch.Tensor, ...]
+    dim: int
+    shape: tuple[int, ...]
+
+    def merge(self) -> torch.Tensor:
+        """A fresh tensor (never a view of a shard: a mapped file stays mapped while a view lives)."""
+        return torch.cat(self.parts, dim=self.dim).reshape(self.shape)
+
+
+def layer_pieces(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, layer: int) -> dict[str, Pieces]:
+    """One decoder layer's internal tensors as pieces of its stage's TP shards (any TP), in HF order
+    with the norms last."""
     c = plan.config
     _, local = plan.stage_of(layer)
     pre = f"decoder.layers.{local}."
     heads_per_group = c.num_heads // c.num_kv_heads
     groups = c.num_kv_heads // plan.tp
+    hidden, d = c.hidden_size, c.dim_per_head
     qs, ks, vs, gates, ups = [], [], [], [], []
     for state in tp_states:
-        q, k, v = _qkv_blocks(state[pre + QKV], groups=groups, heads_per_group=heads_per_group, head_dim=c.dim_per_head)
-        qs.append(q), ks.append(k), vs.append(v)
+        q, k, v = _qkv_blocks(state[pre + QKV], groups=groups, heads_per_group=heads_per_group, head_dim=d)
+        qs.append(q), ks.append(k), vs.append(v)  # (groups / tp, rows, hidden) views
         gate, up = state[pre + FC1].chunk(2, dim=0)
         gates.append(gate), ups.append(up)
     p = f"layers.{layer}."
     out = {
-        p + "self_attn.q_proj.weight": torch.cat(qs).flatten(0, 1),  # (num_heads * head_dim, hidden)
-        p + "self_attn.k_proj.weight": torch.cat(ks).flatten(0, 1),
-        p + "self_attn.v_proj.weight": torch.cat(vs).flatten(0, 1),
-        p + "self_attn.o_proj.weight": torch.cat([s[pre + PROJ] for s in tp_states], dim=1),
-        p + "mlp.gate_proj.weight": torch.cat(gates),
-        p + "mlp.up_proj.weight": torch.cat(ups),
-        p + "mlp.down_proj.weight": torch.cat([s[pre + FC2] for s in tp_states], dim=1),
+        p + "self_attn.q_proj.weight": Pieces(tuple(qs), 0, (c.num_heads * d, hidden)),
+        p + "self_attn.k_proj.weight": Pieces(tuple(ks), 0, (c.num_kv_heads * d, hidden)),
+        p + "self_attn.v_proj.weight": Pieces(tuple(vs), 0, (c.num_kv_heads * d, hidden)),
+        p + "self_attn.o_proj.weight": Pieces(tuple(s[pre + PROJ] for s in tp_states), 1, (hidden, c.q_size)),
+        p + "mlp.gate_proj.weight": Pieces(tuple(gates), 0, (c.ffn_hidden_size, hidden)),
+        p + "mlp.up_proj.weight": Pieces(tuple(ups), 0, (c.ffn_hidden_size, hidden)),
+        p + "mlp.down_proj.weight": Pieces(tuple(s[pre + FC2] for s in tp_states), 1, (hidden, c.ffn_hidden_size)),
     }
     for mcore_suffix, internal_suffix in _NORMS["te" if plan.te else "local"].items():
-        out[p + internal_suffix] = tp_states[0][pre + mcore_suffix]
+        out[p + internal_suffix] = Pieces((tp_states[0][pre + mcore_suffix],), 0, (hidden,))
     return out
+
+
+def merge_layer(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, layer: int) -> dict[str, torch.Tensor]:
+    """One decoder layer's internal tensors from the TP shards of its stage (any TP)."""
+    return {name: pieces.merge() for name, pieces in layer_pieces(tp_states, plan, layer=layer).items()}
+
+
+def vocab_pieces(tp_states: list[dict[str, torch.Tensor]], key: str, plan: ShardPlan) -> Pieces:
+    """The (vocab, hidden) matrix with Megatron's padding rows dropped (each rank's real rows)."""
+    vocab, parts, start = plan.config.vocab_size, [], 0
+    for state in tp_states:
+        rows = state[key]
+        if start < vocab:
+            parts.append(rows[: min(rows.shape[0], vocab - start)])
+        start += rows.shape[0]
+    return Pieces(tuple(parts), 0, (vocab, plan.config.hidden_size))
 
 
 def merge_vocab(tp_states: list[dict[str, torch.Tensor]], key: str, plan: ShardPlan) -> torch.Tensor:
     """The (vocab, hidden) matrix with Megatron's padding rows dropped."""
-    return torch.cat([s[key] for s in tp_states])[: plan.config.vocab_size]
+    return vocab_pieces(tp_states, key, plan).merge()
 
 
 def extra_names(plan: ShardPlan) -> list[str]:
@@ -352,15 +385,20 @@ def extra_names(plan: ShardPlan) -> list[str]:
     return ["embed_tokens.weight", "norm.weight", *([] if plan.config.tie_word_embeddings else ["lm_head.weight"])]
 
 
-def merge_extra(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, name: str) -> torch.Tensor:
+def extra_pieces(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, name: str) -> Pieces:
     """The embedding (from stage 0), final norm or untied output layer (last stage), by internal name."""
     if name == "embed_tokens.weight":
-        return merge_vocab(tp_states, EMBEDDING, plan)
+        return vocab_pieces(tp_states, EMBEDDING, plan)
     if name == "norm.weight":
-        return tp_states[0][FINAL_NORM[plan.layout]]
+        return Pieces((tp_states[0][FINAL_NORM[plan.layout]],), 0, (plan.config.hidden_size,))
     if name == "lm_head.weight" and not plan.config.tie_word_embeddings:
-        return merge_vocab(tp_states, OUTPUT_LAYER, plan)
+        return vocab_pieces(tp_states, OUTPUT_LAYER, plan)
     raise KeyError(name)
+
+
+def merge_extra(tp_states: list[dict[str, torch.Tensor]], plan: ShardPlan, *, name: str) -> torch.Tensor:
+    """The embedding (from stage 0), final norm or untied output layer (last stage), by internal name."""
+    return extra_pieces(tp_states, plan, name=name).merge()
 
 
 def extra_stage(plan: ShardPlan, name: str) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from llamatron.checkpoint import keymaps
 from llamatron.checkpoint.keymaps import ShardPlan
+from llamatron.checkpoint.stored import StoredTensor, file_offset, stored_part
 from llamatron.errors import LlamatronError
 from llamatron.model.config import LlamaConfig, RopeScaling, from_hf_config, to_hf_config
 
@@ -160,8 +161,10 @@ def _extra_safe_globals(path: Path) -> list[Any]:
     return allowed
 
 
-def _torch_load(path: Path, allowed: list[Any]) -> Any:
+def _torch_load(path: Path, allowed: list[Any], *, meta: bool = False) -> Any:
     with torch.serialization.safe_globals(allowed):
+        if meta:
+            return torch.load(path, map_location="meta", weights_only=True)
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
@@ -170,17 +173,19 @@ def _torch_load(path: Path, allowed: list[Any]) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip file
 
 
-def load_shard_file(path: Path) -> dict[str, Any]:
-    """One shard file, memory-mapped (tensors are read from disk only when touched), weights_only."""
+def load_shard_file(path: Path, *, meta: bool = False) -> dict[str, Any]:
+    """One shard file, memory-mapped (tensors are read from disk only when touched), weights_only.
+    meta=True: tensors on the meta device, nothing mapped; their storages record where their
+    bytes lie in the file (see checkpoint/stored.py)."""
     if not path.is_file():
         raise LlamatronError(f"missing shard {path}; the checkpoint is incomplete or its TP/PP differs from its args")
     try:
         try:
-            state = _torch_load(path, [argparse.Namespace])
+            state = _torch_load(path, [argparse.Namespace], meta=meta)
         except pickle.UnpicklingError:
             # Written by Megatron-LM (numpy RNG state, enums in args): scan the pickle for what it
             # names (slow, pure Python) only now, and allow the harmless part.
-            state = _torch_load(path, _extra_safe_globals(path))
+            state = _torch_load(path, _extra_safe_globals(path), meta=meta)
     except LlamatronError:
         raise
     except Exception as err:  # a truncated zip, a corrupt pickle: all mean the file is unusable
@@ -335,6 +340,51 @@ class McoreCheckpointReader:
         """embed_tokens.weight, norm.weight or lm_head.weight (untied), merged across TP."""
         with self.stage(keymaps.extra_stage(self.plan, name)) as states:
             return keymaps.merge_extra(states, self.plan, name=name)
+
+    def stored_tensors(self) -> Iterator[tuple[str, StoredTensor | torch.Tensor]]:
+        """Every internal tensor in HF order, as in `tensors()`, but as byte ranges of the shard files
+        (nothing is read; see checkpoint/stored.py). Each stage's shards are loaded once, on the meta
+        device. A stage whose files do not tell where tensors lie (legacy non-zip) is merged in memory."""
+        names = keymaps.extra_names(self.plan)
+        yield names[0], self._stored_extra(names[0])
+        for pp_rank in range(self.plan.pp):
+            stage = self._meta_stage(pp_rank)
+            for layer in self.plan.stage_range(pp_rank):
+                if stage is None:
+                    yield from self.layer(layer).items()
+                    continue
+                for name, pieces in keymaps.layer_pieces(stage[0], self.plan, layer=layer).items():
+                    yield name, self._stored(pieces, stage[1]) or self.layer(layer)[name]
+        for name in names[1:]:
+            yield name, self._stored_extra(name)
+
+    def _meta_stage(self, pp_rank: int) -> tuple[list[dict[str, torch.Tensor]], list[str]] | None:
+        """One stage's TP shards on the meta device, and their paths; None if torch cannot place them."""
+        plan = self.plan
+        paths = [shard_path(self.dir, tp_rank=r, pp_rank=pp_rank, pp=plan.pp) for r in range(plan.tp)]
+        states = [load_shard_file(path, meta=True)["model"] for path in paths]
+        if pp_rank not in self._checked:
+            for state, path in zip(states, paths, strict=True):
+                keymaps.check_stage_keys(state.keys(), plan, pp_rank=pp_rank, source=str(path))
+            self._checked.add(pp_rank)
+        some = next(t for t in states[0].values() if isinstance(t, torch.Tensor))
+        if not some.is_meta or file_offset(some) is None:
+            return None
+        return states, [str(path) for path in paths]
+
+    def _stored(self, pieces: keymaps.Pieces, paths: list[str]) -> StoredTensor | None:
+        # Parts come from TP ranks in order; a single part (a norm) is rank 0's.
+        parts = [stored_part(view, path) for view, path in zip(pieces.parts, paths, strict=False)]
+        if any(part is None for part in parts) or len({view.dtype for view in pieces.parts}) != 1:
+            return None
+        return StoredTensor(shape=pieces.shape, dtype=pieces.parts[0].dtype, parts=tuple(parts), dim=pieces.dim)
+
+    def _stored_extra(self, name: str) -> StoredTensor | torch.Tensor:
+        stage = self._meta_stage(keymaps.extra_stage(self.plan, name))
+        stored = None
+        if stage is not None:
+            stored = self._stored(keymaps.extra_pieces(stage[0], self.plan, name=name), stage[1])
+        return stored or self.extra(name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every internal tensor, in HF order (embedding, layers, norm, output layer), one at a time."""
