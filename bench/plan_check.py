@@ -6,8 +6,7 @@ After GPU runs of bench/train_bench.py (any layouts, through --extra overrides),
     python bench/plan_check.py tp2.json fsdp2.json --json plan_check.json
 prints, for every trainer run in those files, the measured peak (the trainer's peak_memory_gib), the plan's
 prediction for the same model, sequence, batch and options, and the error; those rows are the cases to add
-to tests/unit/plan/test_calibration.py. Runs with training.compile are listed but not predicted (the plan
-models eager activations).
+to tests/unit/plan/test_calibration.py.
 """
 
 from __future__ import annotations
@@ -35,18 +34,17 @@ def predict(bench: dict, run: dict) -> dict:
                     activation_checkpoint=p.activation_checkpoint, ac_layers=p.ac_layers,
                     optimizer_offload=p.optimizer_offload)
     work = Workload(seq_len=bench["seq_len"], micro_batch=micro, precision=bench["precision"],
-                    fused_loss=bool(getattr(t, "fused_loss", False)),
+                    fused_loss=bool(getattr(t, "fused_loss", False)), compile=bool(getattr(t, "compile", False)),
                     microbatches=max(bench["global_batch"] // (micro * dp), 1))
-    compiled = bool(getattr(t, "compile", False))
     estimate = estimate_memory(preset(bench["model"]), layout, work)
     measured = run.get("peak_memory_gib")
     predicted = estimate.allocated / GIB
     return {
         "model": bench["model"], "device": bench.get("device"), "gpus": gpus, "seq_len": bench["seq_len"],
         "micro_batch": micro, "variant": run.get("variant"), "layout": describe(layout), "ac": describe_ac(layout),
-        "optimizer_offload": layout.optimizer_offload, "fused_loss": work.fused_loss, "compile": compiled,
-        "measured_gib": measured, "predicted_gib": None if compiled else predicted, "peak_at": estimate.phase,
-        "error": None if compiled or not measured else predicted / measured - 1,
+        "optimizer_offload": layout.optimizer_offload, "fused_loss": work.fused_loss, "compile": work.compile,
+        "measured_gib": measured, "predicted_gib": predicted, "peak_at": estimate.phase,
+        "error": predicted / measured - 1 if measured else None,
     }
 
 
@@ -59,14 +57,15 @@ def main() -> int:
     for path in args.files:
         bench = json.loads(Path(path).read_text())
         rows += [predict(bench, run) for run in bench.get("runs", []) if run.get("variant") != "hf"]
-    print("| model | GPUs | seq | mb | layout | AC | opt offload | fused loss | measured GiB | predicted GiB | error | peak at |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | GPUs | seq | mb | layout | AC | opt offload | fused loss | compile | measured GiB | predicted GiB "
+          "| error | peak at |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         measured = "-" if r["measured_gib"] is None else f"{r['measured_gib']:.1f}"
-        predicted = "compile: not predicted" if r["predicted_gib"] is None else f"{r['predicted_gib']:.1f}"
         error = "-" if r["error"] is None else f"{100 * r['error']:+.1f}%"
         print(f"| {r['model']} | {r['gpus']} | {r['seq_len']} | {r['micro_batch']} | {r['layout']} | {r['ac']} | "
-              f"{r['optimizer_offload']} | {r['fused_loss']} | {measured} | {predicted} | {error} | {r['peak_at']} |")
+              f"{r['optimizer_offload']} | {r['fused_loss']} | {r['compile']} | {measured} | "
+              f"{r['predicted_gib']:.1f} | {error} | {r['peak_at']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -109,6 +109,8 @@ def plan_command(
     precision: str = typer.Option("bf16", "--precision", help="bf16, fp16, fp8 or fp32."),
     fused_loss: bool = typer.Option(True, "--fused-loss/--no-fused-loss",
                                     help="training.fused_loss (applies without TP and outside fp16)."),
+    compile_blocks: bool = typer.Option(False, "--compile/--no-compile",
+                                        help="training.compile (compiled blocks keep less for backward)."),
     sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel",
                                            help="Sequence parallelism with tp > 1."),
     virtual_pipeline: int = typer.Option(1, "--virtual-pipeline", help="Virtual stages per rank with pp > 1."),
@@ -136,7 +138,7 @@ def plan_command(
     request = _build_request(
         model=model, gpus=gpus, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
         gpu_mem=gpu_mem, nodes=nodes, host_mem=host_mem, precision=precision, fused_loss=fused_loss,
-        sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline, fixed=fixed, ac=ac,
+        compile_blocks=compile_blocks, sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline, fixed=fixed, ac=ac,
         optimizer_offload=optimizer_offload)
     _run_plan(request, show_all=show_all, top=top, json_path=json_path)
 
@@ -163,11 +165,12 @@ class _Request:
         work = self.work
         return {"model": self.model_name, "gpus": self.gpus, "nodes": self.nodes, "gpu_mem_gib": self.gpu_gib,
                 "host_mem_gib": self.host_gib, "seq_len": work.seq_len, "micro_batch": work.micro_batch,
-                "global_batch": self.global_batch, "precision": work.precision, "fused_loss": work.fused_loss}
+                "global_batch": self.global_batch, "precision": work.precision, "fused_loss": work.fused_loss,
+                "compile": work.compile}
 
 
 def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, nodes, host_mem, precision,
-                   fused_loss, sequence_parallel, virtual_pipeline, fixed, ac, optimizer_offload) -> _Request:
+                   fused_loss, compile_blocks, sequence_parallel, virtual_pipeline, fixed, ac, optimizer_offload) -> _Request:
     from llamatron.errors import LlamatronError
     from llamatron.plan.layouts import check_request
     from llamatron.plan.memory import AC_MODES, COMPUTE_BYTES, OPTIMIZER_OFFLOAD_MODES, Workload
@@ -185,7 +188,8 @@ def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, 
                  (("--gpu-mem", gpu_mem), ("--host-mem", host_mem)) if value is not None and value <= 0]
     if problems:
         raise LlamatronError("; ".join(problems))
-    work = Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision, fused_loss=fused_loss)
+    work = Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision, fused_loss=fused_loss,
+                    compile=compile_blocks)
     nodes = nodes if nodes is not None else _default_nodes(gpus)
     check_request(config, work, gpus=gpus, nodes=nodes)
     return _Request(

@@ -242,12 +242,13 @@ def train_options(layout: Layout, work: Workload, *, model: str, global_batch: i
     """`llamatron train` overrides that run `layout` (every parallel option spelled out, so the command
     does not depend on a recipe's values). fused_loss_option: whether to pass training.fused_loss; None:
     when the installed trainer's config has that field."""
+    import dataclasses
+
+    from llamatron.config.job import TrainingSection
+
+    fields = {f.name for f in dataclasses.fields(TrainingSection)}
     if fused_loss_option is None:
-        import dataclasses
-
-        from llamatron.config.job import TrainingSection
-
-        fused_loss_option = "fused_loss" in {f.name for f in dataclasses.fields(TrainingSection)}
+        fused_loss_option = "fused_loss" in fields
     options = [
         f"--model.name={model}",
         f"--training.seq_len={work.seq_len}",
@@ -258,6 +259,8 @@ def train_options(layout: Layout, work: Workload, *, model: str, global_batch: i
         options.append(f"--training.global_batch_size={global_batch}")
     if fused_loss_option:
         options.append(f"--training.fused_loss={str(work.fused_loss).lower()}")
+    if "compile" in fields:
+        options.append(f"--training.compile={str(work.compile).lower()}")
     options += [
         f"--parallel.tp={layout.tp}",
         f"--parallel.pp={layout.pp}",

@@ -108,6 +108,8 @@ class Workload:
     pipeline holds in flight, i.e. gradient accumulation."""
     fused_chunk: int | None = None
     """Tokens per chunk of the fused loss; None: the trainer's default for the vocabulary."""
+    compile: bool = False
+    """training.compile: each block compiled (less is kept for backward; see block_bytes)."""
     logits_kept: bool = False
     """Whether the plain loss's logits stay referenced through backward. The trainer hands them straight to
     the loss (False); before the fused-loss work its train_step held them in a local (True), as in the
@@ -190,13 +192,23 @@ def norm_bytes(d: Dims) -> int:
     return (4 + d.c) * d.h * d.norm_tokens + 4 * d.norm_tokens + d.c * d.h * d.tokens
 
 
-def block_bytes(d: Dims, *, mode: str = "none", ac_layers: int = 1) -> float:
+def block_bytes(d: Dims, *, mode: str = "none", ac_layers: int = 1, compiled: bool = False,
+                fp8: bool = False) -> float:
     """Bytes one block keeps for backward after its forward, under activation checkpointing `mode`
-    (offload: a block that is not offloaded; offloaded ones keep 0)."""
+    (offload: a block that is not offloaded; offloaded ones keep 0). compiled: training.compile;
+    fp8: torchao's float8 linears (training.precision=fp8)."""
     t = d.tokens
     if mode in ("none", "offload"):
         attention = d.c * (2 * d.q + 2 * d.kv) * t + 4 * d.heads * t
-        return 2 * norm_bytes(d) + attention + 4 * d.c * d.f * t
+        if not compiled:  # eager fp8 keeps what bf16 keeps: torchao saves the linears' bf16 inputs
+            return 2 * norm_bytes(d) + attention + 4 * d.c * d.f * t
+        # Compiled (AOTAutograd's min-cut partitioner): each norm keeps its input and rstd, the fp32 math is
+        # recomputed; bf16 keeps the norms' outputs (the linears' inputs) and gate, up and their product
+        # (silu recomputed); fp8 recomputes the norm outputs and the product (and their fp8 casts) too.
+        norms = 2 * (d.c * d.h * d.norm_tokens + 4 * d.norm_tokens)
+        if fp8:
+            return norms + attention + 2 * d.c * d.f * t
+        return norms + 2 * d.c * d.h * t + attention + 3 * d.c * d.f * t
     if mode == "sel":
         saved_outputs = (d.q + 2 * d.kv) + d.q + 2 * d.h + 2 * d.f
         return d.c * d.h * d.norm_tokens + d.c * saved_outputs * t + 4 * d.heads * t
@@ -325,12 +337,13 @@ class _Phase:
         return sum(self.parts.values())
 
 
-def _restored(d: Dims, *, mode: str, ac_layers: int, offloaded: bool) -> float:
+def _restored(d: Dims, *, mode: str, ac_layers: int, offloaded: bool, compiled: bool = False,
+              fp8: bool = False) -> float:
     """Activations a block in backward holds beyond what it kept: what recomputation (or the copy back
     from the host) brings back. full recomputes its whole group when the group's backward starts."""
-    whole = block_bytes(d)
+    whole = block_bytes(d, compiled=compiled, fp8=fp8)
     if mode == "sel":
-        return whole - block_bytes(d, mode="sel")
+        return max(whole - block_bytes(d, mode="sel"), 0.0)
     if mode == "full":
         return ac_layers * whole
     return whole if offloaded else 0.0
@@ -363,8 +376,9 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
     head_grad = d.c * output_layer if last else 0.0
 
     n = p.chunk_blocks
+    flags = {"compiled": work.compile, "fp8": work.precision == "fp8"}
     offloaded = [mode == "offload" and i < k for i in range(n)]
-    kept = [0.0 if off else block_bytes(d, mode=mode, ac_layers=k) for off in offloaded]
+    kept = [0.0 if off else block_bytes(d, mode=mode, ac_layers=k, **flags) for off in offloaded]
     prefix = [0.0]
     for value in kept:
         prefix.append(prefix[-1] + value)
@@ -391,7 +405,8 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
         # reduce-scatter input (FSDP2 keeps one in flight), activation gradients, recomputed activations.
         phases.append(_Phase("backward").add(
             **static, grads=grads + head_grad, param_copies=root_copy + block_copy * (2 if i else 1),
-            activations=others + io + prefix[i + 1] + _restored(d, mode=mode, ac_layers=k, offloaded=offloaded[i]),
+            activations=others + io + prefix[i + 1] + _restored(d, mode=mode, ac_layers=k, offloaded=offloaded[i],
+                                                                **flags),
             buffers=work_bytes + (4 * p.block if done else 0.0)))
         # Its post-backward (after resharding it): the compute-dtype gradients copied into the fp32
         # reduce-scatter input, then freed before the output is allocated.
@@ -409,7 +424,7 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
     host = 0.0
     if layout.optimizer_offload == "static":
         host += 16 * p.total / shard  # the moments, and pinned copies of each shard and its gradient
-    host += inflight * sum(offloaded) * block_bytes(d)
+    host += inflight * sum(offloaded) * block_bytes(d, **flags)
     return MemoryEstimate(phase=top.name, stage=stage, host=host, **top.parts)
 
 

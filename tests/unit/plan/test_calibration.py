@@ -40,28 +40,51 @@ class TrainerCase:
     measured_gib: float
     card: str
     command: str
+    fused_loss: bool = False
+    compile: bool = False
+    precision: str = "bf16"
+    logits_kept: bool = False
 
 
-# The trainer's logged peak_memory_gib; each run's global batch = micro batch x GPUs (no accumulation),
-# full fp32 logits (these ran before training.fused_loss existed), and the trainer of then (commit
-# 1ffc9e4) kept the logits in a local variable through backward (Workload.logits_kept).
+# The trainer's logged peak_memory_gib; each run's global batch = micro batch x GPUs (no accumulation).
+# 2026-11-27: full fp32 logits (before training.fused_loss), and the trainer of then (commit 1ffc9e4)
+# kept the logits in a local variable through backward (Workload.logits_kept).
+# 2026-11-28 ("Speed work, one GPU"): the trainer hands the logits straight to the loss; fused loss,
+# torch.compile of the blocks and torchao fp8 as each row says.
+_SPEED = "bench/train_bench.py --model llama3.2-1b --seq-len 4096 --steps 15 --warmup-steps 5"
 TRAINER_CASES = [
     TrainerCase(name="1b-1gpu", model="llama3.2-1b", seq_len=4096, micro_batch=2, layout=Layout(dp=1),
-                measured_gib=41.6, card="H200, 2026-11-27",
+                measured_gib=41.6, card="H200, 2026-11-27", logits_kept=True,
                 command="bench/train_bench.py --model llama3.2-1b --seq-len 4096 --micro-batch 2 --steps 15"),
     TrainerCase(name="1b-fsdp2", model="llama3.2-1b", seq_len=4096, micro_batch=2, layout=Layout(dp=2),
-                measured_gib=34.7, card="2 x H200, 2026-11-27",
+                measured_gib=34.7, card="2 x H200, 2026-11-27", logits_kept=True,
                 command="bench/train_bench.py --model llama3.2-1b --seq-len 4096 --micro-batch 2 --nproc 2"),
     TrainerCase(name="8b-fsdp2", model="llama3.1-8b", seq_len=8192, micro_batch=1, layout=Layout(dp=2),
-                measured_gib=110.3, card="2 x H200, 2026-11-27",
+                measured_gib=110.3, card="2 x H200, 2026-11-27", logits_kept=True,
                 command="bench/train_bench.py --model llama3.1-8b --seq-len 8192 --micro-batch 1 --nproc 2"),
+    TrainerCase(name="1b-fused", model="llama3.2-1b", seq_len=4096, micro_batch=2, layout=Layout(dp=1),
+                measured_gib=31.4, card="H200, 2026-11-28", fused_loss=True,
+                command=f"{_SPEED} --micro-batch 2 --variants fused"),
+    TrainerCase(name="1b-compile", model="llama3.2-1b", seq_len=4096, micro_batch=2, layout=Layout(dp=1),
+                measured_gib=35.6, card="H200, 2026-11-28", compile=True,
+                command=f"{_SPEED} --micro-batch 2 --variants compile"),
+    TrainerCase(name="1b-fused-compile", model="llama3.2-1b", seq_len=4096, micro_batch=2, layout=Layout(dp=1),
+                measured_gib=27.4, card="H200, 2026-11-28", fused_loss=True, compile=True,
+                command=f"{_SPEED} --micro-batch 2 --variants fused+compile"),
+    TrainerCase(name="1b-fused-compile-mb4", model="llama3.2-1b", seq_len=4096, micro_batch=4, layout=Layout(dp=1),
+                measured_gib=36.8, card="H200, 2026-11-28", fused_loss=True, compile=True,
+                command=f"{_SPEED} --micro-batch 4 --variants fused+compile"),
+    TrainerCase(name="1b-fp8-fused-compile-mb4", model="llama3.2-1b", seq_len=4096, micro_batch=4,
+                layout=Layout(dp=1), measured_gib=30.8, card="H200, 2026-11-28, torchao 0.17.0", fused_loss=True,
+                compile=True, precision="fp8",
+                command=f"{_SPEED} --micro-batch 4 --variants fused+compile --precision fp8"),
 ]
 
 
 @pytest.mark.parametrize("case", TRAINER_CASES, ids=lambda case: case.name)
 def test_trainer_peaks(case: TrainerCase):
-    work = Workload(seq_len=case.seq_len, micro_batch=case.micro_batch, fused_loss=False, microbatches=1,
-                    logits_kept=True)
+    work = Workload(seq_len=case.seq_len, micro_batch=case.micro_batch, precision=case.precision,
+                    fused_loss=case.fused_loss, compile=case.compile, microbatches=1, logits_kept=case.logits_kept)
     predicted = estimate_memory(preset(case.model), case.layout, work).allocated / GIB
     assert predicted == pytest.approx(case.measured_gib, rel=TOLERANCE), (case, predicted)
 

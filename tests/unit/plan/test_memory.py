@@ -47,8 +47,10 @@ class SavedBytes:
         return tensor
 
 
-def _run(config, tokens: int):
+def _run(config, tokens: int, *, prepare=None):
     model = build_model(config, dtype=torch.bfloat16, seed=0)
+    if prepare is not None:
+        model = prepare(model)
     counter = SavedBytes(model)
     for index, block in enumerate(model.layers.values()):
         block.register_forward_pre_hook(lambda _m, _a, index=index: setattr(counter, "region", index))
@@ -71,6 +73,35 @@ def test_block_saves_what_the_model_derives(gqa):
     assert saved[2] == expected
     rope = 2 * 96 * config.dim_per_head * 2
     assert saved[0] == expected + rope
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_block_saves_what_the_model_derives(fp8):
+    """training.compile: what AOTAutograd's min-cut partitioner keeps (the backend that partitions as
+    inductor does, without generating code), bf16 and torchao fp8 (emulated casts). Exact, but for fp8's
+    0-dim scale tensors."""
+    if fp8:
+        pytest.importorskip("torchao")
+    from llamatron.parallel.compile import apply_compile
+
+    def prepare(model):
+        if fp8:
+            from llamatron.parallel.fp8 import apply_fp8
+
+            model.float()
+            apply_fp8(model, device=torch.device("cpu"), emulate=True)
+            model.to(torch.bfloat16)
+        apply_compile(model, backend="aot_eager_decomp_partition")
+        return model
+
+    config = tiny_config(num_layers=3, hidden_size=128, num_heads=8, num_kv_heads=2, ffn_hidden_size=256,
+                         vocab_size=512)
+    saved, _ = _run(config, tokens=64, prepare=prepare)
+    d = Dims.of(config, tokens=64, c=2)
+    # Besides the formula's tensors fp8 saves torchao's per-tensor scales: a few 0-dim tensors.
+    assert 0 <= saved[1] - block_bytes(d, compiled=True, fp8=fp8) <= (32 if fp8 else 0)
+    assert block_bytes(d, compiled=True, fp8=fp8) < block_bytes(d)
 
 
 def test_head_and_loss_save_what_the_model_derives():
