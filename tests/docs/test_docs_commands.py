@@ -143,13 +143,15 @@ def docs_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def seed_root(tmp_path_factory) -> Path:
-    """The seed's world: its downloads already in place (a ready .bin/.idx, an SFT idxmap, a checkpoint)."""
+def seed_root(tmp_path_factory, docs_root) -> Path:
+    """The seed's world: its downloads already in place (a ready .bin/.idx, an SFT idxmap, a checkpoint).
+    Copied from docs_root before any block ran, so both start from the same stand-ins."""
     from llamatron.checkpoint.convert import hf_to_mcore
     from tests.conftest import write_random_corpus
 
     root = tmp_path_factory.mktemp("seed")
-    _populate(root)
+    for name in ("mnt", "workspace"):
+        shutil.copytree(docs_root / name, root / name)
     data = root / "mnt" / "llama3-datasets"
     write_random_corpus(data / "wudao_llama3bpe_content_document", seed=3, documents=200)
     assert main(["preprocess-sft", "--input", str(data / "alpaca_zh-train-general.json"), "--output-prefix",
