@@ -1,16 +1,16 @@
 """The trainer under pipeline parallelism (gloo, 2 and 4 processes) against one process: 1F1B (pp2 with
-uneven stages), interleaved 1F1B (pp2 x 2 virtual stages) and tp2 x pp2 with sequence parallelism, for
-pretraining (with validation) and packed SFT; a tp2 x pp2 checkpoint holds the one-process weights,
-exports, and resumes at dp4; a tied-embedding model (Llama 3.2's layout) trains across pp2 and one
-process, each resuming the other's checkpoint; bad layouts are refused before launch with every problem
-listed.
+uneven stages), interleaved 1F1B (pp2 x 2 virtual stages), tp2 x pp2 with sequence parallelism and
+pp2 x cp2, for pretraining (with validation) and packed SFT; a tp2 x pp2 checkpoint holds the
+one-process weights, exports, and resumes at dp4 and at pp2 x cp2; a tied-embedding model (Llama 3.2's
+layout) trains across pp2 and one process, each resuming the other's checkpoint; bad layouts are
+refused before launch with every problem listed.
 
-Tolerance: fp32 on CPU. The stages run the same operations as one process, and tp splits matmuls (sums
-in another order); Adam carries the rounding forward. Losses and validation losses must agree to 1e-5
-relative, gradient norms to 5e-5 (tp alone moves them by 3.3e-6: the vocabulary-parallel loss forms its
-gradient its own way). Measured (2026-11-28, 6 iterations): losses at most 6.4e-8, validation 6.3e-8,
-gradient norms 1.5e-7 without tp and 7.3e-6 with it. A stage left out of the norm, or a tied embedding
-counted twice, moves it by far more.
+Tolerance: fp32 on CPU. The stages run the same operations as one process; tp splits matmuls and cp
+splits attention (sums in another order); Adam carries the rounding forward. Losses and validation
+losses must agree to 1e-5 relative, gradient norms to 5e-5 (tp alone moves them by 3.3e-6: the
+vocabulary-parallel loss forms its gradient its own way; cp by as much). Measured (2026-11-28, 6
+iterations): losses at most 1e-7, validation 8e-8, gradient norms 1.5e-7 without tp or cp, 7.3e-6 with
+them. A stage left out of the norm, or a tied embedding counted twice, moves it by far more.
 
 run_layout and LAYOUTS are meant for reuse: a layout is its CLI flags and its process count."""
 
@@ -42,6 +42,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], int]] = {
     "pp2-uneven": (("--parallel.pp=2", "--parallel.pp_layers=1,3"), 2),
     "pp2-vp2": (("--parallel.pp=2", "--parallel.virtual_pipeline=2"), 2),
     "tp2-pp2-sp": (("--parallel.pp=2", "--parallel.tp=2", SP), 4),
+    "pp2-cp2": (("--parallel.pp=2", "--parallel.cp=2"), 4),
 }
 
 
@@ -83,12 +84,12 @@ def test_pretraining_under_pp_equals_one_process(tmp_path, corpus, single_run, t
     single = read_metrics(single_run)
     assert sum("valid_loss" in r for r in single) == 2
     assert_same_run(read_metrics(tp2_pp2_run), single, name="tp2-pp2-sp")
-    for name in ("pp2-uneven", "pp2-vp2"):
+    for name in LAYOUTS.keys() - {"tp2-pp2-sp"}:
         assert_same_run(run_layout(tmp_path / name, corpus, name, "--training.eval_interval=3"), single, name=name)
 
 
 @pytest.mark.slow
-def test_tp2_pp2_checkpoint_exports_and_resumes_at_dp4(tmp_path, corpus, single_run, tp2_pp2_run):  # noqa: F811
+def test_tp2_pp2_checkpoint_exports_and_resumes_at_dp4_and_pp2_cp2(tmp_path, corpus, single_run, tp2_pp2_run):  # noqa: F811
     # Every rank saved its stage's share under the global names: the whole model reads back, as one
     # process's weights. Adam's step normalises the gradient, so where a gradient is near zero a rounding
     # difference moves a weight by up to ~lr: compared per tensor as a whole, measured <= 7.9e-6 relative.
@@ -103,14 +104,15 @@ def test_tp2_pp2_checkpoint_exports_and_resumes_at_dp4(tmp_path, corpus, single_
     for name, tensor in latest.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name
 
-    out = tmp_path / "dp4"
-    shutil.copytree(tp2_pp2_run, out)
-    shutil.rmtree(out / "checkpoints" / "step-0000006")
-    (out / "checkpoints" / "latest").write_text("step-0000003")
-    # Micro-batches of 1: the global batch of 4 over 4 data-parallel ranks.
-    resumed = run_train(out, corpus, *JOB, *SHORT, "--training.micro_batch_size=1", nproc=4)
-    assert [r["iteration"] for r in resumed] == list(range(1, 7))
-    np.testing.assert_allclose(losses(resumed), losses(read_metrics(single_run)), rtol=TOLERANCE, err_msg="dp4")
+    # Micro-batches of 1 at dp4: the global batch of 4 over 4 data-parallel ranks.
+    for name, flags in (("dp4", ("--training.micro_batch_size=1",)), ("pp2-cp2", LAYOUTS["pp2-cp2"][0])):
+        out = tmp_path / name
+        shutil.copytree(tp2_pp2_run, out)
+        shutil.rmtree(out / "checkpoints" / "step-0000006")
+        (out / "checkpoints" / "latest").write_text("step-0000003")
+        resumed = run_train(out, corpus, *JOB, *SHORT, *flags, nproc=4)
+        assert [r["iteration"] for r in resumed] == list(range(1, 7))
+        np.testing.assert_allclose(losses(resumed), losses(read_metrics(single_run)), rtol=TOLERANCE, err_msg=name)
 
 
 @pytest.fixture(scope="module")

@@ -75,13 +75,19 @@ class _PipelineLoss:
     Trainer._forward_backward computes it (numerator / the global batch's count), recorded for the log;
     it returns what is backpropagated (times the ranks FSDP averages gradients over, fp16-scaled)."""
 
-    def start(self, *, kind: str, global_count: float, grad_ranks: int, scaler: LossScaler) -> None:
+    def start(
+        self, *, kind: str, global_count: float, grad_ranks: int, scaler: LossScaler, fields: list[str]
+    ) -> None:
         self.kind, self.global_count, self.grad_ranks, self.scaler = kind, global_count, grad_ranks, scaler
+        self.fields = fields  # what the target holds (see _pack_target)
         self.losses: list[float] = []
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labels, document_ids = _unpack_target(target)
-        numerator, _ = loss_parts(logits, labels, kind=self.kind, document_ids=document_ids)
+        mb = _unpack_target(target, self.fields)
+        if "loss_weights" in mb:  # a cp slice (train/cp_batch.py)
+            numerator, _ = slice_loss_parts(logits, mb)
+        else:
+            numerator, _ = loss_parts(logits, mb["labels"], kind=self.kind, document_ids=mb.get("document_ids"))
         loss = numerator / max(self.global_count, 1.0)
         self.losses.append(loss.detach().float().item())
         return self.scaler.scale(loss * self.grad_ranks)
@@ -90,14 +96,16 @@ class _PipelineLoss:
         return sum(self.losses, 0.0)
 
 
-def _pack_target(labels: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
-    """The schedule hands the loss one tensor per micro-batch: the labels, with the document ids (packed
-    SFT's "sequence" loss needs them) stacked behind them. (batch, seq) or (batch, seq, 2)."""
-    return labels if document_ids is None else torch.stack([labels, document_ids.to(labels.dtype)], dim=-1)
+def _pack_target(batch: dict[str, torch.Tensor], fields: list[str]) -> torch.Tensor:
+    """The schedule hands the loss one tensor per micro-batch: the (batch, seq) `fields` of `batch` (labels,
+    and the document ids packed SFT's "sequence" loss needs or a cp slice's loss weights) stacked on a last
+    dim, in float64, which holds token ids and fp32 weights exactly. (batch, seq, len(fields))."""
+    return torch.stack([batch[field].to(torch.float64) for field in fields], dim=-1)
 
 
-def _unpack_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return (target, None) if target.ndim == 2 else (target[..., 0], target[..., 1])
+def _unpack_target(target: torch.Tensor, fields: list[str]) -> dict[str, torch.Tensor]:
+    dtypes = {"labels": torch.long, "document_ids": torch.long, "loss_weights": torch.float32}
+    return {field: target[..., i].to(dtypes[field]) for i, field in enumerate(fields)}
 
 
 def _with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,22 +259,25 @@ class Trainer:
         last stage computes each one's loss exactly as _forward_backward does. Returns the sum of the
         losses on the last stage, 0 on the others."""
         pipe = self.pipeline
+        # Each micro-batch as this rank runs it (its cp slice, with loss weights), then one batch of them
+        # all; the schedule cuts it back into the same micro-batches.
+        sliced = [self._cp_slice({k: v.to(self.env.device) for k, v in mb.items()}, kind=kind) for mb in micro_batches]
+        batch = _with_positions({k: torch.cat([mb[k] for mb in sliced]) for k in sliced[0]})
         if self._pipeline_schedule is None:
             self._pipeline_schedule = build_schedule(
-                pipe, pp_group=self.pp_group, device=self.env.device, microbatches=len(micro_batches),
-                input_shape=tuple(micro_batches[0]["tokens"].shape),
+                pipe, pp_group=self.pp_group, device=self.env.device, microbatches=len(sliced),
+                input_shape=tuple(sliced[0]["tokens"].shape),
                 hidden_dtype=compute_dtype(self.config.training.precision), loss_fn=self._pipeline_loss,
                 sequence_shards=self._sequence_shards(),
             )
-        # One batch of all micro-batches; the schedule cuts it back into the same micro-batches.
-        batch = _with_positions({k: torch.cat([mb[k] for mb in micro_batches]).to(self.env.device)
-                                 for k in micro_batches[0]})
+        # Labels (with document ids, or a cp slice's loss weights) go to the loss on the last stage.
+        fields = [k for k in ("labels", "document_ids", "loss_weights") if k in batch]
         self._pipeline_loss.start(kind=kind, global_count=global_count, grad_ranks=self.grad_ranks,
-                                  scaler=self.scaler)
-        # Positions and document ids reach every stage (attention masks and RoPE); labels the last.
+                                  scaler=self.scaler, fields=fields)
+        # Positions and document ids reach every stage (attention masks and RoPE).
         kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
         inputs = (batch["tokens"],) if pipe.has_first else ()
-        target = _pack_target(batch["labels"], batch.get("document_ids")) if pipe.has_last else None
+        target = _pack_target(batch, fields) if pipe.has_last else None
         self._pipeline_schedule.step(*inputs, target=target, **kwargs)
         sync_tied_grads(pipe, self._tied_group)
         return self._pipeline_loss.total()
@@ -481,8 +492,6 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
     if p.cp > 1:
         lengths = {"training.seq_len": t.seq_len, **({"data.pad_len": config.data.pad_len} if config.data.pad_len else {})}
         found += cp_problems(lengths, cp=p.cp, tp=p.tp, sequence_parallel=p.tp > 1 and p.sequence_parallel)
-        if p.pp > 1:
-            found.append("parallel.cp > 1 with parallel.pp > 1 is not supported yet; use one of them")
     return found
 
 
