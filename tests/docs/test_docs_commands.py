@@ -45,11 +45,7 @@ SEED_PATHS = re.compile(r"(^|=)(/mnt|/workspace|/path/to)(?=/|$)")
 SEED_CHECKOUT = "/workspace/Pai-Megatron-Patch/"
 # The seed's commands that some llamatron versions still refuse, with the refusal: that exact message is
 # an expected failure (xfail); any other failure fails, and passing passes.
-KNOWN_GAPS = {
-    "04-continued-pretraining.md#0-seed": "sequence_parallel with parallel.pp > 1 is not supported yet",
-    "05-sft.md#0-seed": "sequence_parallel with parallel.pp > 1 is not supported yet",
-    "05-sft.md#1-seed": "sequence_parallel with parallel.pp > 1 is not supported yet",
-}
+KNOWN_GAPS: dict[str, str] = {}
 FENCE = re.compile(r"^```(bash|sh|shell)([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
