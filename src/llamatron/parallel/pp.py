@@ -214,8 +214,8 @@ def build_schedule(
 
     The schedule calls loss_fn(last stage output, target) per micro-batch and backpropagates what it
     returns; it scales nothing itself (scale_grads=False): the caller's loss carries the normalisation."""
-    # requires_grad: the hidden states' gradients travel back between the stages.
     batch, seq = input_shape
+    # requires_grad: the hidden states' gradients travel back between the stages.
     hidden = torch.empty(batch, seq // sequence_shards, split.stages[0].config.hidden_size, dtype=hidden_dtype,
                          device="meta", requires_grad=True)
     tokens = torch.empty(*input_shape, dtype=torch.long, device="meta")
