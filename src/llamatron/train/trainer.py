@@ -36,7 +36,6 @@ from llamatron.parallel.pp import (
     build_schedule,
     clip_grad_norm_,
     forward_only,
-    pp_problems,
     split_model,
     sync_tied_grads,
     tied_embedding_group,
@@ -57,6 +56,13 @@ from llamatron.train.metrics import (
     peak_memory_gib,
 )
 from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
+from llamatron.train.pipeline import (
+    PipelineLoss,
+    pack_target,
+    pipeline_problems,
+    target_fields,
+    with_positions,
+)
 from llamatron.train.precision import LossScaler, compute_dtype
 from llamatron.train.run_dir import RunDir, resolve_schedule
 from llamatron.train.setup import build_model_for_training, resolve_model_config
@@ -68,54 +74,6 @@ class StepResult:
     grad_norm: float
     tokens: int
     skipped: bool
-
-
-class _PipelineLoss:
-    """The pipeline schedule's loss_fn: on the last stage, each micro-batch's loss exactly as
-    Trainer._forward_backward computes it (numerator / the global batch's count), recorded for the log;
-    it returns what is backpropagated (times the ranks FSDP averages gradients over, fp16-scaled)."""
-
-    def start(
-        self, *, kind: str, global_count: float, grad_ranks: int, scaler: LossScaler, fields: list[str]
-    ) -> None:
-        self.kind, self.global_count, self.grad_ranks, self.scaler = kind, global_count, grad_ranks, scaler
-        self.fields = fields  # what the target holds (see _pack_target)
-        self.losses: list[float] = []
-
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mb = _unpack_target(target, self.fields)
-        if "loss_weights" in mb:  # a cp slice (train/cp_batch.py)
-            numerator, _ = slice_loss_parts(logits, mb)
-        else:
-            numerator, _ = loss_parts(logits, mb["labels"], kind=self.kind, document_ids=mb.get("document_ids"))
-        loss = numerator / max(self.global_count, 1.0)
-        self.losses.append(loss.detach().float().item())
-        return self.scaler.scale(loss * self.grad_ranks)
-
-    def total(self) -> float:
-        return sum(self.losses, 0.0)
-
-
-def _pack_target(batch: dict[str, torch.Tensor], fields: list[str]) -> torch.Tensor:
-    """The schedule hands the loss one tensor per micro-batch: the (batch, seq) `fields` of `batch` (labels,
-    and the document ids packed SFT's "sequence" loss needs or a cp slice's loss weights) stacked on a last
-    dim, in float64, which holds token ids and fp32 weights exactly. (batch, seq, len(fields))."""
-    return torch.stack([batch[field].to(torch.float64) for field in fields], dim=-1)
-
-
-def _unpack_target(target: torch.Tensor, fields: list[str]) -> dict[str, torch.Tensor]:
-    dtypes = {"labels": torch.long, "document_ids": torch.long, "loss_weights": torch.float32}
-    return {field: target[..., i].to(dtypes[field]) for i, field in enumerate(fields)}
-
-
-def _with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch with explicit positions (0..seq-1 per row where it has none): a later pipeline stage
-    cannot count them from its input, a part of the sequence under sequence parallelism."""
-    if "positions" in batch:
-        return batch
-    rows, seq = batch["tokens"].shape
-    positions = torch.arange(seq, device=batch["tokens"].device).repeat(rows, 1)  # (batch, seq)
-    return {**batch, "positions": positions}
 
 
 class Trainer:
@@ -153,7 +111,7 @@ class Trainer:
         # The modules that run: the whole model, or this rank's stages (each parallelised as a whole model).
         self.parts = self.pipeline.stages if self.pipeline is not None else [self.model]
         self._pipeline_schedule = None  # built at the first step, from its micro-batch shape
-        self._pipeline_loss = _PipelineLoss()
+        self._pipeline_loss = PipelineLoss()
         self._tied_group = tied_embedding_group(self.mesh) if self.pipeline is not None and self.pipeline.tied else None
         # ---- end pipeline parallelism ----
         self.fp8 = None
@@ -223,11 +181,7 @@ class Trainer:
             loss_sum = self._pipeline_forward_backward(micro_batches, kind=kind, global_count=global_count)
         tokens = sum(mb["tokens"].numel() for mb in micro_batches)
         self.scaler.unscale_(self.model.parameters())
-        grad_norm = clip_grad_norm_(
-            self.model.parameters(), self.config.optim.clip_grad,
-            pp_group=self.pp_group if self.pipeline is not None else None,
-            exclude_from_norm=[self.pipeline.tied_copy] if self.pipeline is not None and self.pipeline.tied_copy is not None else (),
-        )
+        grad_norm = self._clip_grad_norm()
         (loss_total,) = self._batch_sum([loss_sum])
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
@@ -262,7 +216,7 @@ class Trainer:
         # Each micro-batch as this rank runs it (its cp slice, with loss weights), then one batch of them
         # all; the schedule cuts it back into the same micro-batches.
         sliced = [self._cp_slice({k: v.to(self.env.device) for k, v in mb.items()}, kind=kind) for mb in micro_batches]
-        batch = _with_positions({k: torch.cat([mb[k] for mb in sliced]) for k in sliced[0]})
+        batch = with_positions({k: torch.cat([mb[k] for mb in sliced]) for k in sliced[0]})
         if self._pipeline_schedule is None:
             self._pipeline_schedule = build_schedule(
                 pipe, pp_group=self.pp_group, device=self.env.device, microbatches=len(sliced),
@@ -271,16 +225,26 @@ class Trainer:
                 sequence_shards=self._sequence_shards(),
             )
         # Labels (with document ids, or a cp slice's loss weights) go to the loss on the last stage.
-        fields = [k for k in ("labels", "document_ids", "loss_weights") if k in batch]
+        fields = target_fields(batch)
         self._pipeline_loss.start(kind=kind, global_count=global_count, grad_ranks=self.grad_ranks,
                                   scaler=self.scaler, fields=fields)
         # Positions and document ids reach every stage (attention masks and RoPE).
         kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
         inputs = (batch["tokens"],) if pipe.has_first else ()
-        target = _pack_target(batch, fields) if pipe.has_last else None
+        target = pack_target(batch, fields) if pipe.has_last else None
         self._pipeline_schedule.step(*inputs, target=target, **kwargs)
         sync_tied_grads(pipe, self._tied_group)
         return self._pipeline_loss.total()
+
+    def _clip_grad_norm(self) -> float:
+        """Clip to the whole model's gradient norm: under a pipeline summed over the stages, a tied
+        embedding's second copy (the last stage's output layer) not counted twice."""
+        pipe = self.pipeline
+        if pipe is None:
+            return clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+        duplicate = [pipe.tied_copy] if pipe.tied_copy is not None else []
+        return clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad, pp_group=self.pp_group,
+                               exclude_from_norm=duplicate)
 
     def _sequence_shards(self) -> int:
         """Parts of the sequence a pipeline's hidden state is cut into between stages (see build_schedule)."""
@@ -368,7 +332,7 @@ class Trainer:
         kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
         if self.pipeline is None:
             return self.model(mb["tokens"], **kwargs)
-        kwargs["positions"] = _with_positions(mb)["positions"]
+        kwargs["positions"] = with_positions(mb)["positions"]
         return forward_only(self.pipeline, pp_group=self.pp_group, tokens=mb["tokens"],
                             hidden_dtype=compute_dtype(self.config.training.precision),
                             sequence_shards=self._sequence_shards(), **kwargs)
@@ -488,27 +452,11 @@ def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:
                                                          if config.data.pad_len else {})}
             found += sequence_problems(lengths, p.tp)
     if p.pp > 1 or p.virtual_pipeline != 1 or p.pp_layers is not None:
-        found += _pipeline_problems(config, dims=dims, batch_ok=not found)
+        found += pipeline_problems(config, num_layers=resolve_model_config(config).num_layers, dp=dims.dp,
+                                   batch_ok=not found)
     if p.cp > 1:
         lengths = {"training.seq_len": t.seq_len, **({"data.pad_len": config.data.pad_len} if config.data.pad_len else {})}
         found += cp_problems(lengths, cp=p.cp, tp=p.tp, sequence_parallel=p.tp > 1 and p.sequence_parallel)
-    return found
-
-
-def _pipeline_problems(config: JobConfig, *, dims: ParallelDims, batch_ok: bool) -> list[str]:
-    p, t = config.parallel, config.training
-    # The schedule's micro-batches are one pipeline's share of the global batch (its gradient accumulation).
-    microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp) if batch_ok else None
-    num_layers = resolve_model_config(config).num_layers
-    found = pp_problems(num_layers=num_layers, pp=p.pp, virtual_pipeline=p.virtual_pipeline, pp_layers=p.pp_layers,
-                        microbatches=microbatches)
-    if p.pp > 1 and p.activation_checkpoint == "full" and not found:
-        counts = p.pp_layers or [num_layers // (p.pp * p.virtual_pipeline)] * (p.pp * p.virtual_pipeline)
-        if any(count % p.ac_layers for count in counts):
-            found.append(
-                f"activation_checkpoint=full checkpoints groups of parallel.ac_layers={p.ac_layers} blocks, but the "
-                f"pipeline stages have {counts} blocks; choose ac_layers dividing every stage's count"
-            )
     return found
 
 
