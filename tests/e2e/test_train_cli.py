@@ -75,12 +75,12 @@ def test_seed_sft_example_runs_through_the_launcher(tmp_path):
     assert len(_metrics(run)) == 4
 
 
-def test_model_parallel_options_are_refused_not_ignored(tmp_path, corpus, capsys):
+def test_model_parallel_degrees_beyond_the_processes_are_refused(tmp_path, corpus, capsys):
     code = main(["train", "--config", "tiny-debug", "--output", str(tmp_path / "x"), f"--data.data_path={corpus}",
                  "--cp", "2"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "not yet supported" in err and "parallel.cp=2" in err
+    assert "world size 1 is not divisible by tp*pp*cp = 1*1*2" in err, err
     assert not (tmp_path / "x").exists()
 
 
