@@ -80,6 +80,18 @@ def run_measured(cmd: list[str]) -> dict[str, float]:
             "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
+def has_room(path: Path, nbytes: int, *, margin: int = 2 * 2**30) -> bool:
+    """Whether the (shared) disk holds `nbytes` more and still leaves `margin` for everyone else."""
+    return shutil.disk_usage(path).free >= nbytes + margin
+
+
+def need_room(path: Path, nbytes: int, *, what: str) -> None:
+    if not has_room(path, nbytes):
+        free = shutil.disk_usage(path).free
+        raise SystemExit(f"not enough disk for {what}: {nbytes / 1e9:.1f} GB + 2 GiB margin needed, "
+                         f"{free / 1e9:.1f} GB free in {path}")
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -97,8 +109,7 @@ def spot_check(a: Path, b: Path, *, check_all: bool = False) -> list[str]:
                  "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                  "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                  "input_layernorm.weight", "post_attention_layernorm.weight"))]
-    if check_all:
-        names = left.names()
+    names = left.names() if check_all else [n for n in names if n in left]  # tied: no lm_head.weight
     for name in names:
         if not torch.equal(left.get(name), right.get(name)):
             raise SystemExit(f"round trip changed {name}")
@@ -132,8 +143,10 @@ def main() -> None:
         make_random_hf(hf, preset_name=args.preset, seed=0, num_layers=args.num_layers)
         result["make_hf_s"] = round(time.monotonic() - start, 1)
         result["hf_bytes"] = dir_bytes(hf)
+        need_room(work, result["hf_bytes"], what="cp -r of the HF directory")
         result["cp_r"] = run_measured(["cp", "-r", str(hf), str(copy)])
         shutil.rmtree(copy)
+        need_room(work, result["hf_bytes"], what="hf-to-mcore")
         result["hf_to_mcore"] = run_measured([*cli, "hf-to-mcore", "--hf", str(hf), "--out", str(mcore_dir),
                                               "--tp", str(args.tp), "--pp", str(args.pp)])
         result["mcore_bytes"] = dir_bytes(mcore_dir)
@@ -142,10 +155,14 @@ def main() -> None:
         rounds = []
         for i in range(args.repeat):
             # The first round uses the cp -r timed above; later ones time it again next to mcore-to-hf.
+            need_room(work, result["hf_bytes"], what="cp -r and mcore-to-hf")
             cp_hf = result["cp_r"] if i == 0 else run_measured(["cp", "-r", str(hf), str(copy)])
             shutil.rmtree(copy, ignore_errors=True)
-            cp_mcore = run_measured(["cp", "-r", str(mcore_dir), str(copy)])
-            shutil.rmtree(copy)
+            cp_mcore = None  # optional: skipped when the shared disk is short
+            if has_room(work, result["mcore_bytes"]):
+                cp_mcore = run_measured(["cp", "-r", str(mcore_dir), str(copy)])
+                shutil.rmtree(copy)
+            need_room(work, result["hf_bytes"], what="mcore-to-hf")
             to_hf = run_measured([*cli, "mcore-to-hf", "--mcore", str(mcore_dir), "--out", str(back)])
             if i == args.repeat - 1:
                 result["checked_tensors"] = len(spot_check(hf, back, check_all=args.check_all))
@@ -153,7 +170,7 @@ def main() -> None:
                 shutil.rmtree(back)
             rounds.append({"cp_r": cp_hf, "cp_r_mcore": cp_mcore, "mcore_to_hf": to_hf,
                            "ratio_vs_cp": round(to_hf["wall_s"] / cp_hf["wall_s"], 2),
-                           "ratio_vs_cp_mcore": round(to_hf["wall_s"] / cp_mcore["wall_s"], 2)})
+                           "ratio_vs_cp_mcore": round(to_hf["wall_s"] / cp_mcore["wall_s"], 2) if cp_mcore else None})
             print(json.dumps(rounds[-1]), flush=True)
         result["mcore_to_hf"] = rounds[0]["mcore_to_hf"]
         result["ratio_mcore_to_hf_vs_cp"] = rounds[0]["ratio_vs_cp"]

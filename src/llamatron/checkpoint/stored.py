@@ -121,10 +121,11 @@ class StoredTensor:
             self._copy_through_memory(files, fd, offset, dtype=dtype, scratch=scratch or Scratch())
 
     def _gather(self, files: _OpenFiles, scratch: Scratch) -> torch.Tensor:
-        """Each part read whole into the scratch buffer, then joined along `dim` (one copy)."""
+        """Each part read whole into the scratch buffer, then joined along `dim` (one copy; none
+        when the parts are joined along rows: they are read into place)."""
         itemsize = self.dtype.itemsize
         total = math.prod(self.shape) * itemsize
-        buffer = scratch.take(2 * total)
+        buffer = scratch.take(total if self._row_joined else 2 * total)
         pieces, position = [], 0
         for part in self.parts:
             begin = position
@@ -132,6 +133,8 @@ class StoredTensor:
                 _pread_into(files.fd(part.file), _bytes(buffer[position : position + length]), offset, part.file)
                 position += length
             pieces.append(buffer[begin:position].view(self.dtype).view(part.shape))
+        if self._row_joined:
+            return buffer.view(self.dtype).view(self.shape)
         out = buffer[total:].view(self.dtype)
         torch.cat(pieces, dim=self.dim, out=out.view(_joined_shape(pieces, self.dim)))
         return out.view(self.shape)
