@@ -54,15 +54,21 @@ class SDPAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None) -> torch.Tensor:
         # A full-length causal attention (no mask: no documents, no cache) takes SDPA's is_causal fast path.
-        is_causal = mask is None and q.shape[2] > 1
+        # Plain bools through `if`s, not bool(): under torch.compile's dynamic shapes a shape comparison is a
+        # SymBool, which SDPA refuses; branching on it makes dynamo guard on it instead.
+        is_causal = enable_gqa = False
+        if mask is None and q.shape[2] > 1:
+            is_causal = True
         fused_gqa = mask is None and q.dtype in (torch.bfloat16, torch.float16)
         if not fused_gqa and k.shape[1] != q.shape[1]:
             # Only flash takes GQA natively: with a mask or in fp32, enable_gqa sends CUDA to the math kernel
             # (measured 2026-11-28 on an H200), so the other kernels get one K/V head per query head (an exact copy).
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if k.shape[1] != q.shape[1]:
+            enable_gqa = True
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa
         )
 
 

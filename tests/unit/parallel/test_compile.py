@@ -60,3 +60,19 @@ def test_disabled_is_a_no_op():
     model = build_model(tiny_config(), seed=1)
     apply_compile(model, enabled=False)
     assert all("forward" not in vars(block) for block in model.layers.values())
+
+
+def test_a_new_sequence_length_recompiles_with_dynamic_shapes():
+    """Batches of varying length (SFT padded to the longest sample) make dynamo recompile the block with a
+    symbolic sequence length; attention's is_causal must still reach SDPA as a plain bool (the CI failure of
+    2026-12-03: "argument 'is_causal' must be bool, not SymBool"). Same tolerance as above."""
+    config = tiny_config(num_layers=2)
+    eager = build_model(config, seed=1)
+    compiled = build_model(config, seed=1)
+    apply_compile(compiled, backend="aot_eager")
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    for seq in (16, 24, 40):
+        tokens = torch.randint(0, config.vocab_size, (2, seq), generator=generator)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(tokens), eager(tokens), rtol=REL_TOL, atol=1e-6)
