@@ -1,5 +1,5 @@
 """The trainer under context parallelism (gloo: cp2 on 2 processes, tp2 x cp2 with sequence parallelism
-on 4) against one process, for pretraining (with validation; the tp2 x cp2 run resumes from the cp2
+on 4, tp2 x cp2 x dp2 on 8 over 20 iterations) against one process, for pretraining (with validation; the tp2 x cp2 run resumes from the cp2
 run's checkpoint, so DCP reshards it onto the other layout) and packed SFT (the seed's sequence-mean loss).
 
 Tolerance: fp32 on CPU. Ring attention sums the softmax in another order (about 1e-7 relative per
@@ -23,9 +23,9 @@ CP2 = ("--parallel.cp=2",)
 TP2_CP2 = ("--parallel.cp=2", "--parallel.tp=2", SP)
 
 
-def _assert_same(runs: dict[str, list[dict]], single: list[dict]) -> None:
+def _assert_same(runs: dict[str, list[dict]], single: list[dict], *, iterations: int = 6) -> None:
     for name, records in runs.items():
-        assert [r["iteration"] for r in records] == list(range(1, 7)), name
+        assert [r["iteration"] for r in records] == list(range(1, iterations + 1)), name
         np.testing.assert_allclose(losses(records), losses(single), rtol=TOLERANCE, err_msg=name)
 
 
@@ -53,6 +53,20 @@ def test_packed_sft_losses_under_cp_equal_one_process(tmp_path):
     runs = {name: run_train(tmp_path / name, DEMO_SFT, *JOB, *SFT, *SHORT, *flags, nproc=nproc)
             for name, flags, nproc in (("cp2", CP2, 2), ("tp2-cp2-sp", TP2_CP2, 4))}
     _assert_same(runs, single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pretraining", "packed-sft"])
+def test_tp2_cp2_dp2_on_8_processes_equals_one_process_over_20_iterations(tmp_path, corpus, kind):  # noqa: F811
+    """Every parallel dimension but pp at once: 8 processes, dp = 8 / (tp 2 x cp 2) = 2, with sequence
+    parallelism, the full 20 iterations of the tiny-debug job."""
+    data, job = (corpus, (*JOB, "--training.eval_interval=0")) if kind == "pretraining" else (DEMO_SFT, (*JOB, *SFT))
+    job = (*job, "--train-iters", "20")
+    single = run_train(tmp_path / "single", data, *job)
+    runs = {"tp2-cp2-dp2": run_train(tmp_path / "tp2-cp2-dp2", data, *job, *TP2_CP2, nproc=8)}
+    first = runs["tp2-cp2-dp2"][0]
+    assert round(first["tokens_per_s"] / first["tokens_per_s_per_gpu"]) == 8  # the throughput counts 8 ranks
+    _assert_same(runs, single, iterations=20)
 
 
 def test_cp_layout_problems_are_refused_with_every_problem(tmp_path, capsys):
