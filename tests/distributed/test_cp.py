@@ -1,6 +1,7 @@
 """The trainer under context parallelism (gloo: cp2 on 2 processes, tp2 x cp2 with sequence parallelism
-on 4, tp2 x cp2 x dp2 on 8 over 20 iterations) against one process, for pretraining (with validation; the tp2 x cp2 run resumes from the cp2
-run's checkpoint, so DCP reshards it onto the other layout) and packed SFT (the seed's sequence-mean loss).
+on 4, tp2 x cp2 x dp2 on 8 over 20 iterations) against one process, for pretraining (with validation; the
+tp2 x cp2 run resumes from the cp2 run's checkpoint, so DCP reshards it onto the other layout) and packed
+SFT (the seed's sequence-mean loss).
 
 Tolerance: fp32 on CPU. Ring attention sums the softmax in another order (about 1e-7 relative per
 attention, tests/unit/parallel/test_ring_attention.py) and Adam carries the rounding forward. Losses must

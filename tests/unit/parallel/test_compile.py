@@ -64,8 +64,8 @@ def test_disabled_is_a_no_op():
 
 def test_a_new_sequence_length_recompiles_with_dynamic_shapes():
     """Batches of varying length (SFT padded to the longest sample) make dynamo recompile the block with a
-    symbolic sequence length; attention's is_causal must still reach SDPA as a plain bool (the CI failure of
-    2026-12-03: "argument 'is_causal' must be bool, not SymBool"). Same tolerance as above."""
+    symbolic sequence length; attention's is_causal must still reach SDPA as a plain bool (a CI failure:
+    "argument 'is_causal' must be bool, not SymBool"). Same tolerance as above."""
     config = tiny_config(num_layers=2)
     eager = build_model(config, seed=1)
     compiled = build_model(config, seed=1)
