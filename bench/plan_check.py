@@ -2,7 +2,7 @@
 
 After GPU runs of bench/train_bench.py (any layouts, through --extra overrides), e.g.
     python bench/train_bench.py --model llama3.1-8b --seq-len 8192 --nproc 2 --steps 8 --warmup-steps 3 \\
-        --variants eager,fused --extra --parallel.tp=2 --parallel.sequence_parallel=true --out tp2.json
+        --variants eager,fused --extra=--parallel.tp=2 --extra=--parallel.sequence_parallel=true --out tp2.json
     python bench/plan_check.py tp2.json fsdp2.json --json plan_check.json
 prints, for every trainer run in those files, the measured peak (the trainer's peak_memory_gib), the plan's
 prediction for the same model, sequence, batch and options, and the error; those rows are the cases to add

@@ -119,7 +119,8 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default="packed,padded")
-    parser.add_argument("--extra", nargs="*", default=[], help="more --section.field=value overrides for every run")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="one more --section.field=value override for every run, written --extra=--a.b=c; repeatable")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default="sft_packing_bench.json")
     args = parser.parse_args()

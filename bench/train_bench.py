@@ -113,6 +113,15 @@ def run_hf(args: argparse.Namespace, work: Path) -> dict:
     return {**result, "variant": "hf", "wall_s": time.perf_counter() - start, "first_step_s": None}
 
 
+def _profile_window(extra: list[str]) -> tuple[int, int] | None:
+    """The iterations --extra=--logging.profile_iterations=A,B profiles, if any."""
+    for override in extra:
+        if override.startswith("--logging.profile_iterations="):
+            first, last = override.split("=", 1)[1].split(",")
+            return int(first), int(last)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3.2-1b")
@@ -125,9 +134,13 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script at tiny scale")
     parser.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--extra", nargs="*", default=[], help="more --section.field=value overrides for every run")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="one more --section.field=value override for every run, written --extra=--a.b=c; repeatable")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default="train_bench.json")
+    parser.add_argument("--workdir", default=None, help="where the corpus and run directories go (default: a new "
+                        "temporary directory); a run's profile (--extra --logging.profile_iterations=A,B) is "
+                        "in WORKDIR/run-VARIANT/profile")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -144,7 +157,8 @@ def main() -> int:
     device = torch.device(args.device)
     peak = device_peak_tflops(device) if device.type == "cuda" and torch.cuda.is_available() else None
     fpt = flops_per_token(config, seq_len=args.seq_len)
-    work = Path(tempfile.mkdtemp(prefix="llamatron-bench-"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llamatron-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     corpus = work / "random_text_document"
     write_random_corpus(corpus, tokens=(args.steps + 2) * global_batch * (args.seq_len + 1) * 102 // 100,
                         vocab=config.vocab_size)
@@ -164,6 +178,10 @@ def main() -> int:
             continue
         records, wall = run_trainer(work / f"run-{variant}", [*common, *VARIANTS[variant], *args.extra],
                                     nproc=args.nproc, timeout=args.timeout)
+        # Profiled iterations run slower (the profiler's own overhead): left out of the figures.
+        window = _profile_window(args.extra)
+        if window is not None:
+            records = [r for r in records if not window[0] <= r["iteration"] <= window[1]]
         summary = summarize(records, warmup_steps=args.warmup_steps, tokens_per_step=global_batch * args.seq_len,
                             gpus=args.nproc, flops_per_token=fpt, peak_tflops=peak)
         rows.append({"variant": variant, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall, **summary})

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamatron.model.config import LlamaConfig
 from llamatron.model.kv_cache import KVCache
@@ -44,7 +45,17 @@ class RMSNorm(nn.Module):
 class SDPAttention:
     """The attention core: causal softmax(q k^T / sqrt(head_dim)) v within documents, through
     F.scaled_dot_product_attention. The one replaceable part of the model: context parallelism installs
-    ring attention (Llama.set_attention_core), which answers the same two calls."""
+    ring attention (Llama.set_attention_core), which answers the same two calls.
+
+    backends: the SDPA kernels enabled, highest priority first (parallel/attention_backend.py chooses
+    them); None leaves PyTorch's global choice. The choice is applied here, inside the forward, because a
+    torch.compile'd block picks its kernel when it is traced and ignores an sdpa_kernel context entered
+    outside the compiled code (on an H200 with torch 2.11 a compiled block ran flash under a cuDNN-only
+    context); inside the forward the context is traced with the call, so eager and compiled code, and
+    activation checkpointing's recompute, run the same kernel."""
+
+    def __init__(self, backends: list[SDPBackend] | None = None) -> None:
+        self.backends = backends
 
     def mask(
         self, document_ids: torch.Tensor | None, *, start: int, seq: int, device: torch.device, cached: bool
@@ -67,9 +78,10 @@ class SDPAttention:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if k.shape[1] != q.shape[1]:
             enable_gqa = True
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa
-        )
+        if self.backends is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
+        with sdpa_kernel(self.backends, set_priority=len(self.backends) > 1):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):

@@ -1,4 +1,5 @@
-"""Which SDPA kernel computes attention: the user's choice applied with torch.nn.attention.sdpa_kernel,
+"""Which SDPA kernel computes attention: the user's choice, carried by the model's attention core
+(SDPAttention(backends=...), which applies it with torch.nn.attention.sdpa_kernel inside its forward),
 and a start-up probe that names the kernel that actually ran.
 
 The model calls F.scaled_dot_product_attention; PyTorch walks the enabled backends in priority order and
@@ -8,22 +9,18 @@ enabled backends in priority order:
 - `auto` without it (FL=false): flash left out, cuDNN first (Megatron's fused attention);
 - a named backend: that one alone, so it runs or the probe fails naming those that would.
 Which backend won shows only in the aten op that runs, so the probe runs one attention forward and
-backward with the job's shapes and dtype under a dispatch mode and reads the op.
-
-The context must cover backward as well as forward: activation checkpointing recomputes the forward
-during backward, and it has to pick the same kernel.
+backward with the job's shapes and dtype, compiled when the blocks are, under the profiler and reads the
+op. (A compiled graph chooses its kernel when it is traced; the choice must be inside the traced code,
+which is why the core carries it rather than a context around the training step.)
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn.attention import SDPBackend
 
 from llamatron.errors import LlamatronError
 from llamatron.model.llama import SDPAttention
@@ -52,13 +49,6 @@ def backend_order(choice: str, *, prefer_flash: bool = True) -> list[str]:
     return ["flash", "efficient", "math", "cudnn"] if prefer_flash else ["cudnn", "efficient", "math"]
 
 
-@contextmanager
-def attention_context(order: list[str]) -> Iterator[None]:
-    """Enable exactly `order`'s backends, in that priority, for the SDPA calls inside."""
-    with sdpa_kernel([_SDP[name] for name in order], set_priority=len(order) > 1):
-        yield
-
-
 @dataclass(frozen=True, kw_only=True)
 class AttentionShape:
     """One attention call of the job, as one rank sees it."""
@@ -78,18 +68,20 @@ class AttentionShape:
                 f"head dim {self.head_dim}, {mask}")
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
+def sdpa_ops(fn) -> list[str]:
+    """The aten SDPA ops (fused kernels and their backward) that one call of fn dispatched, in order."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [event.name.removeprefix("aten::") for event in prof.events()
+            if event.name.startswith("aten::_scaled_dot_product") or event.name.startswith("aten::_flash")]
 
 
-def _run_attention(shape: AttentionShape, *, device: torch.device, dtype: torch.dtype) -> str:
-    """One forward and backward with `shape`; returns the backend whose kernel ran (math if none did)."""
+def _run_attention(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype,
+                   compiled: bool) -> str:
+    """One forward and backward with `shape` through the model's attention core with `order` enabled
+    (compiled as the blocks are, if `compiled`); returns the backend whose kernel ran (math if none did)."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(heads: int) -> torch.Tensor:  # (batch, heads, seq, head_dim)
@@ -103,20 +95,29 @@ def _run_attention(shape: AttentionShape, *, device: torch.device, dtype: torch.
         doc = (torch.arange(shape.seq, device=device) >= shape.seq // 2).long()
         causal = torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()
         mask = ((doc[:, None] == doc[None, :]) & causal).expand(shape.batch, 1, shape.seq, shape.seq)
-    with _OpRecorder() as recorder:
-        # The model's own attention core, so the probe reports what training runs (it adapts GQA to the mask).
-        out = SDPAttention()(q, k, v, mask=mask)
-    out.float().sum().backward()
-    ran = [_KERNEL_OPS[op] for op in recorder.ops if op in _KERNEL_OPS]
+    # The model's own attention core, so the probe reports what training runs (it adapts GQA to the mask).
+    core = SDPAttention(backends=[_SDP[name] for name in order])
+    attend = core.__call__
+    if compiled:
+        # aot_eager makes the kernel choice exactly where inductor's tracing does, without generating code.
+        attend = torch.compile(attend, backend="aot_eager", fullgraph=True)
+
+    def step() -> None:
+        attend(q, k, v, mask=mask).float().sum().backward()
+
+    if compiled:
+        step()  # traced and compiled here: the profiled call below runs only the compiled graph
+    ran = [_KERNEL_OPS[op] for op in sdpa_ops(step) if op in _KERNEL_OPS]
     return ran[0] if ran else "math"
 
 
-def _try(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype) -> tuple[str | None, str]:
+def _try(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype,
+         compiled: bool = False) -> tuple[str | None, str]:
     """(backend that ran, or None; PyTorch's reasons when none could)."""
-    with warnings.catch_warnings(record=True) as caught, attention_context(order):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return _run_attention(shape, device=device, dtype=dtype), ""
+            return _run_attention(order, shape, device=device, dtype=dtype, compiled=compiled), ""
         except RuntimeError as err:
             # PyTorch warns why each enabled backend refused; its error itself only says none was left.
             reasons = [str(w.message).strip() for w in caught if issubclass(w.category, UserWarning)]
@@ -133,9 +134,9 @@ class AttentionBackend:
     shape: AttentionShape
     dtype: torch.dtype
 
-    def context(self):
-        """Wrap forward and backward (and evaluation) in this."""
-        return attention_context(list(self.order))
+    def core(self) -> SDPAttention:
+        """The attention core that runs this choice (Llama.set_attention_core)."""
+        return SDPAttention(backends=[_SDP[name] for name in self.order])
 
     def describe(self) -> str:
         return (f"attention backend: {self.ran} (parallel.attention_backend={self.choice}, enabled in order: "
@@ -143,14 +144,16 @@ class AttentionBackend:
 
 
 def select_attention_backend(
-    choice: str, *, prefer_flash: bool, shape: AttentionShape, device: torch.device, dtype: torch.dtype
+    choice: str, *, prefer_flash: bool, shape: AttentionShape, device: torch.device, dtype: torch.dtype,
+    compiled: bool = False,
 ) -> AttentionBackend:
-    """Probe `choice` with the job's attention shape; raise naming the backends that work if it cannot run."""
+    """Probe `choice` with the job's attention shape (compiled if the blocks are); raise naming the
+    backends that work if it cannot run."""
     order = backend_order(choice, prefer_flash=prefer_flash)
-    ran, reasons = _try(order, shape, device=device, dtype=dtype)
+    ran, reasons = _try(order, shape, device=device, dtype=dtype, compiled=compiled)
     if ran is None:
         working = [name for name in _SDP if name not in order
-                   and _try([name], shape, device=device, dtype=dtype)[0] is not None]
+                   and _try([name], shape, device=device, dtype=dtype, compiled=compiled)[0] is not None]
         raise LlamatronError(
             f"parallel.attention_backend={choice} cannot run this job's attention on {device.type} ({shape.describe()}, "
             f"{str(dtype).removeprefix('torch.')}): {reasons}; "

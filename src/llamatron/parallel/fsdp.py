@@ -16,6 +16,7 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype = torch.float32,
     shard: bool = True,
+    reshard_after_forward: bool = True,
 ) -> None:
     """Shard (or, with shard=False, replicate) parameters, gradients and optimizer state over `mesh`.
 
@@ -25,14 +26,18 @@ def apply_fsdp(
     the parameters' dtype (fp32); compute runs in param_dtype; gradients are reduced in reduce_dtype.
     FSDP averages gradients over the data-parallel ranks; the trainer scales each rank's loss by the
     data-parallel size so the result is the exact global-batch gradient. (A divide factor of 1 would say
-    the same more directly, but FSDP then reduces with PREMUL_SUM, which gloo lacks.)"""
+    the same more directly, but FSDP then reduces with PREMUL_SUM, which gloo lacks.)
+    reshard_after_forward=False keeps every block's gathered compute-dtype parameters from its forward to
+    its backward: one all-gather (with its cast to param_dtype) per block and step instead of two, for the
+    memory of a whole compute-dtype copy of the blocks."""
     if not shard:
         mesh = _replicate_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and index < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 

@@ -14,7 +14,8 @@ Why that is exact: the loss is a weighted sum of token losses, sum_i w_i * CE_i,
 depend on the parameters (1 for "token", 1 / labelled tokens of its sequence for "sequence"; loss.py
 explains both), so its gradient is known in forward and backward receives one scalar. The arithmetic per
 element is the plain path's: logits in the compute dtype, cross entropy in fp32, logit gradients cast
-back to the compute dtype for the matmuls. dW is accumulated over chunks in fp32 and cast once.
+back to the compute dtype for the matmuls. dW is accumulated over chunks in fp32 (on CUDA inside the
+matmul, see _accumulate_grad_weight) and cast once.
 
 Under tensor parallelism the vocabulary-parallel loss (parallel/loss_parallel.py) is used instead; it
 never gathers the logits either.
@@ -123,10 +124,26 @@ def _chunked(
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
-            grad_weight += grad_logits.t() @ h  # fp32 accumulation over chunks
+            _accumulate_grad_weight(grad_weight, grad_logits, h)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return total, grad_hidden, grad_weight
+
+
+def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight (vocab, hidden) fp32 += grad_logits^T (vocab, C) @ h (C, hidden).
+
+    On CUDA with bf16/fp16 inputs the sum is taken in the matmul's own fp32 accumulator (addmm with an fp32
+    out_dtype, beta=1): no chunk's partial dW is rounded to the compute dtype, and no separate pass reads
+    and writes the fp32 buffer per chunk (for Llama 3's vocabulary, 3 GB of traffic per chunk, ~8 ms of an
+    H200's 1B-model step at micro batch 4, measured). Elsewhere (CPU has no such kernel) the chunk's
+    product is added to the buffer."""
+    if grad_logits.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.t(), h)
+    elif grad_logits.is_cuda:
+        torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight += grad_logits.t() @ h
 
 
 @functools.cache

@@ -64,6 +64,7 @@ from llamatron.train.pipeline import (
     with_positions,
 )
 from llamatron.train.precision import LossScaler, compute_dtype
+from llamatron.train.profiling import StepProfiler
 from llamatron.train.run_dir import RunDir, resolve_schedule
 from llamatron.train.setup import build_model_for_training, resolve_model_config
 
@@ -100,6 +101,8 @@ class Trainer:
         )
         self.attention = self._probe_attention()
         self.model, self.model_config = build_model_for_training(config, device=env.device)
+        # The chosen SDPA kernels travel with the blocks (before a pipeline split; cp replaces the core).
+        self.model.set_attention_core(self.attention.core())
         # ---- pipeline parallelism: this rank keeps its stages, before any other parallelism ----
         self.pp_group = self.mesh["pp"].get_group()
         self.pipeline: PipelineSplit | None = None
@@ -129,7 +132,7 @@ class Trainer:
             # Ring attention's point-to-point exchange cannot be traced: under cp the blocks compile around it.
             apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1)
             apply_fsdp(part, fsdp_mesh(self.mesh), param_dtype=compute_dtype(t.precision),
-                       shard=config.parallel.distributed_optimizer)
+                       shard=config.parallel.distributed_optimizer, reshard_after_forward=p.reshard_after_forward)
         self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
         self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
         self.schedule = LRSchedule(
@@ -293,7 +296,8 @@ class Trainer:
             seq=sample["tokens"].shape[1] // p.cp, head_dim=model_config.dim_per_head, packed="document_ids" in sample,
         )
         return select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
-                                        device=self.env.device, dtype=compute_dtype(t.precision))
+                                        device=self.env.device, dtype=compute_dtype(t.precision),
+                                        compiled=t.compile and p.cp == 1)
 
     def _loss_kind(self) -> str:
         if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":
@@ -367,18 +371,22 @@ class Trainer:
         if self.fp8 is not None:
             self.run.log(self.fp8.describe())
         self.model.train()
+        profiler = StepProfiler(config.logging.profile_iterations, out_dir=self.run.root / "profile",
+                                rank=self.env.rank, device=self.env.device)
         started, start_iteration = time.perf_counter(), self.state.iteration
         while self.state.iteration < info.train_iters:
-            with self.attention.context():  # forward and backward: AC recomputes attention in backward
-                result = self.train_step()
+            profiler.start(self.state.iteration + 1)
+            result = self.train_step()
             self._advance(result)
+            table = profiler.stop(self.state.iteration)
+            if table is not None:
+                self.run.log(f"profile of iterations {config.logging.profile_iterations}: {table}")
             throughput.add_tokens(result.tokens * self.plan.dp_size)
             it = self.state.iteration
             if it % config.logging.log_interval == 0 or it == info.train_iters:
                 record = self._log_record(result, throughput, started=started, start_iteration=start_iteration)
                 if config.training.eval_interval and it % config.training.eval_interval == 0:
-                    with self.attention.context():
-                        record.update(self.evaluate())
+                    record.update(self.evaluate())
                 self.run.log_step(record, total=info.train_iters)
                 if writer is not None:
                     writer.write(record)

@@ -4,8 +4,9 @@ its CPU flash kernel and the math path.
 - The seed's FL maps to backend orders (true: flash first; false: flash left out, cuDNN first).
 - The probe names the kernel that actually ran (read from the aten ops), for causal and packed shapes.
 - A named backend that cannot run is refused with the ones that can; PyTorch's flags are restored.
-- The context decides what the model runs: under `math` the model's forward calls no fused kernel and
-  its loss equals the CPU flash kernel's within 1e-5 relative (fp32; measured ~1e-7).
+- The core decides what the model runs, eager and in compiled blocks (the choice is traced with the call):
+  under `math` the model's forward calls no fused kernel and its loss equals the CPU flash kernel's within
+  1e-5 relative (fp32; measured ~1e-7).
 - The config accepts the seed's FL=true/false and every backend name, and refuses FL=false with flash."""
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ from llamatron.config.job import JobConfig
 from llamatron.config.load import apply_overrides
 from llamatron.errors import LlamatronError
 from llamatron.model import build_model
-from llamatron.parallel.attention_backend import (
-    AttentionShape,
-    _OpRecorder,
-    backend_order,
-    select_attention_backend,
-)
+from llamatron.parallel.attention_backend import AttentionShape, backend_order, sdpa_ops, select_attention_backend
+from llamatron.parallel.compile import apply_compile
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -65,22 +62,34 @@ def test_a_backend_that_cannot_run_is_refused_naming_those_that_can(choice):
     assert after == before
 
 
-def _model_loss(model, choice: str) -> tuple[torch.Tensor, list[str]]:
+def _model_loss(model, choice: str, *, compiled: bool = False) -> tuple[torch.Tensor, list[str]]:
     tokens = torch.randint(0, 256, (2, 25), generator=torch.Generator().manual_seed(0))
-    backend = select_attention_backend(choice, prefer_flash=True, shape=SHAPE, device=CPU, dtype=torch.float32)
-    with backend.context(), _OpRecorder() as recorder:
-        logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    return loss, recorder.ops
+    backend = select_attention_backend(choice, prefer_flash=True, shape=SHAPE, device=CPU, dtype=torch.float32,
+                                       compiled=compiled)
+    model.set_attention_core(backend.core())
+    apply_compile(model, enabled=compiled, backend="aot_eager")
+    if compiled:
+        model(tokens[:, :-1])  # traced here: the profiled call runs the compiled blocks only
+    logits = []
+    ops = sdpa_ops(lambda: logits.append(model(tokens[:, :-1])))
+    loss = F.cross_entropy(logits[0].flatten(0, 1), tokens[:, 1:].flatten())
+    return loss, ops
 
 
-def test_the_context_decides_what_the_model_runs():
-    model = build_model(tiny_config(), seed=3)
-    flash_loss, flash_ops = _model_loss(model, "flash")
-    math_loss, math_ops = _model_loss(model, "math")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_core_decides_what_the_model_runs(compiled):
+    flash_loss, flash_ops = _model_loss(build_model(tiny_config(), seed=3), "flash", compiled=compiled)
+    math_loss, math_ops = _model_loss(build_model(tiny_config(), seed=3), "math", compiled=compiled)
     assert flash_ops.count("_scaled_dot_product_flash_attention_for_cpu") == 2  # one per block
-    assert not any(op.startswith("_scaled_dot_product") for op in math_ops)
+    assert not any(kernel in op for op in math_ops for kernel in ("flash", "cudnn", "efficient")), math_ops
     torch.testing.assert_close(math_loss, flash_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(("choice", "ran"), [("flash", "flash (CPU kernel)"), ("math", "math")])
+def test_the_probe_reports_what_a_compiled_call_runs(choice, ran):
+    backend = select_attention_backend(choice, prefer_flash=True, shape=SHAPE, device=CPU, dtype=torch.float32,
+                                       compiled=True)
+    assert backend.ran == ran
 
 
 def test_config_takes_the_seed_fl_and_backend_names():
