@@ -32,7 +32,7 @@ def predict(bench: dict, run: dict) -> dict:
     layout = Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, virtual_pipeline=p.virtual_pipeline,
                     sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
                     activation_checkpoint=p.activation_checkpoint, ac_layers=p.ac_layers,
-                    optimizer_offload=p.optimizer_offload)
+                    optimizer_offload=p.optimizer_offload, reshard_after_forward=p.reshard_after_forward)
     work = Workload(seq_len=bench["seq_len"], micro_batch=micro, precision=bench["precision"],
                     fused_loss=bool(getattr(t, "fused_loss", False)), compile=bool(getattr(t, "compile", False)),
                     microbatches=max(bench["global_batch"] // (micro * dp), 1))

@@ -7,6 +7,8 @@ takes the first that accepts the inputs (device, dtype, head dim, mask, GQA). So
 enabled backends in priority order:
 - `auto` with `prefer_flash` (the seed's FL=true): every backend, flash first (PyTorch's own order);
 - `auto` without it (FL=false): flash left out, cuDNN first (Megatron's fused attention);
+- on CUDA, `auto` then times each fused kernel of its list that accepts the job's attention, on the job's
+  shape, and moves the fastest to the front (fastest_first);
 - a named backend: that one alone, so it runs or the probe fails naming those that would.
 Which backend won shows only in the aten op that runs, so the probe runs one attention forward and
 backward with the job's shapes and dtype, compiled when the blocks are, under the profiler and reads the
@@ -16,6 +18,7 @@ which is why the core carries it rather than a context around the training step.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -79,9 +82,10 @@ def sdpa_ops(fn) -> list[str]:
 
 
 def _run_attention(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype,
-                   compiled: bool) -> str:
+                   compiled: bool, timed_iters: int = 0) -> tuple[str, float | None]:
     """One forward and backward with `shape` through the model's attention core with `order` enabled
-    (compiled as the blocks are, if `compiled`); returns the backend whose kernel ran (math if none did)."""
+    (compiled as the blocks are, if `compiled`); returns the backend whose kernel ran (math if none did)
+    and, with timed_iters, the mean seconds of that many more forward+backward passes (CUDA only)."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(heads: int) -> torch.Tensor:  # (batch, heads, seq, head_dim)
@@ -108,20 +112,45 @@ def _run_attention(order: list[str], shape: AttentionShape, *, device: torch.dev
     if compiled:
         step()  # traced and compiled here: the profiled call below runs only the compiled graph
     ran = [_KERNEL_OPS[op] for op in sdpa_ops(step) if op in _KERNEL_OPS]
-    return ran[0] if ran else "math"
+    seconds = None
+    if timed_iters and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(timed_iters):
+            step()
+        torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / timed_iters
+    return (ran[0] if ran else "math"), seconds
 
 
 def _try(order: list[str], shape: AttentionShape, *, device: torch.device, dtype: torch.dtype,
-         compiled: bool = False) -> tuple[str | None, str]:
-    """(backend that ran, or None; PyTorch's reasons when none could)."""
+         compiled: bool = False, timed_iters: int = 0) -> tuple[str | None, str, float | None]:
+    """(backend that ran, or None; PyTorch's reasons when none could; seconds per pass if timed)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return _run_attention(order, shape, device=device, dtype=dtype, compiled=compiled), ""
+            ran, seconds = _run_attention(order, shape, device=device, dtype=dtype, compiled=compiled,
+                                          timed_iters=timed_iters)
+            return ran, "", seconds
         except RuntimeError as err:
             # PyTorch warns why each enabled backend refused; its error itself only says none was left.
             reasons = [str(w.message).strip() for w in caught if issubclass(w.category, UserWarning)]
-            return None, " ".join(dict.fromkeys(reasons)) or f"no enabled kernel accepts these inputs ({err})"
+            return None, " ".join(dict.fromkeys(reasons)) or f"no enabled kernel accepts these inputs ({err})", None
+
+
+# Fused kernels within this fraction of the fastest count as tied; the earlier in the order wins, so
+# timing noise does not flip a job between kernels from one launch to the next.
+_TIE = 0.05
+_TIMED_ITERS = 5
+
+
+def fastest_first(order: list[str], seconds: dict[str, float]) -> list[str]:
+    """`order` with the fastest timed backend moved to the front (ties within _TIE keep their order)."""
+    if not seconds:
+        return order
+    best = min(seconds.values())
+    winner = next(name for name in order if name in seconds and seconds[name] <= best * (1 + _TIE))
+    return [winner] + [name for name in order if name != winner]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,14 +162,21 @@ class AttentionBackend:
     ran: str
     shape: AttentionShape
     dtype: torch.dtype
+    seconds: tuple[tuple[str, float], ...] = ()
+    """auto on CUDA: each fused kernel's forward+backward time on the job's shape, as measured."""
 
     def core(self) -> SDPAttention:
         """The attention core that runs this choice (Llama.set_attention_core)."""
         return SDPAttention(backends=[_SDP[name] for name in self.order])
 
     def describe(self) -> str:
+        timed = ""
+        if self.seconds:
+            times = ", ".join(f"{name} {1e3 * sec:.2f} ms" for name, sec in self.seconds)
+            timed = f"; forward+backward timed: {times}"
         return (f"attention backend: {self.ran} (parallel.attention_backend={self.choice}, enabled in order: "
-                f"{', '.join(self.order)}; probed with {self.shape.describe()}, {str(self.dtype).removeprefix('torch.')})")
+                f"{', '.join(self.order)}; probed with {self.shape.describe()}, "
+                f"{str(self.dtype).removeprefix('torch.')}{timed})")
 
 
 def select_attention_backend(
@@ -150,7 +186,18 @@ def select_attention_backend(
     """Probe `choice` with the job's attention shape (compiled if the blocks are); raise naming the
     backends that work if it cannot run."""
     order = backend_order(choice, prefer_flash=prefer_flash)
-    ran, reasons = _try(order, shape, device=device, dtype=dtype, compiled=compiled)
+    seconds: dict[str, float] = {}
+    if choice == "auto" and device.type == "cuda":
+        # Which fused kernel is fastest depends on the card, head dim, GQA and the library versions
+        # (H200, torch 2.11, cuDNN 9.19: cuDNN 1.6x flash at head dim 64, 1.8x at 128), so auto times each
+        # one that accepts the job's attention on its shape and puts the fastest first.
+        for name in order:
+            if name != "math":
+                ran_alone, _, sec = _try([name], shape, device=device, dtype=dtype, timed_iters=_TIMED_ITERS)
+                if ran_alone == name and sec is not None:
+                    seconds[name] = sec
+        order = fastest_first(order, seconds)
+    ran, reasons, _ = _try(order, shape, device=device, dtype=dtype, compiled=compiled)
     if ran is None:
         working = [name for name in _SDP if name not in order
                    and _try([name], shape, device=device, dtype=dtype, compiled=compiled)[0] is not None]
@@ -159,4 +206,5 @@ def select_attention_backend(
             f"{str(dtype).removeprefix('torch.')}): {reasons}; "
             f"backends that can: {', '.join(working) or 'none'} (or auto)"
         )
-    return AttentionBackend(choice=choice, order=tuple(order), ran=ran, shape=shape, dtype=dtype)
+    return AttentionBackend(choice=choice, order=tuple(order), ran=ran, shape=shape, dtype=dtype,
+                            seconds=tuple(sorted(seconds.items(), key=lambda item: item[1])))

@@ -81,6 +81,9 @@ class Layout:
     ac_layers: int = 1
     """Group size for full; leading blocks of each stage for offload."""
     optimizer_offload: str = "none"
+    reshard_after_forward: bool = True
+    """parallel.reshard_after_forward; False keeps every block's gathered compute-dtype copy from its
+    forward to its backward."""
 
     @property
     def gpus(self) -> int:
@@ -393,6 +396,8 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
         # The last block stays gathered; the fused loss runs inside the root's forward, before FSDP2
         # releases the last all-gather's output buffer.
         copies = root_copy + block_copy * (2 if loss == "fused" else 1)
+        if not layout.reshard_after_forward:  # every block of the chunk is still gathered
+            copies += block_copy * (n - 1)
         phases.append(_Phase("loss").add(
             **static, grads=grads_all if accumulating else 0.0, param_copies=copies,
             activations=others + prefix[n] + io, loss=final_norm_bytes(d, loss=loss) + peak))
@@ -403,8 +408,10 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
         grads = grads_all if accumulating else 4 * done * p.block / shard
         # Inside block i's backward: its gathered copy and the next one's (prefetched), the previous block's
         # reduce-scatter input (FSDP2 keeps one in flight), activation gradients, recomputed activations.
+        # Without resharding after forward, blocks 0..i are all still gathered (nothing to prefetch).
+        gathered = (i + 1) if not layout.reshard_after_forward else (2 if i else 1)
         phases.append(_Phase("backward").add(
-            **static, grads=grads + head_grad, param_copies=root_copy + block_copy * (2 if i else 1),
+            **static, grads=grads + head_grad, param_copies=root_copy + block_copy * gathered,
             activations=others + io + prefix[i + 1] + _restored(d, mode=mode, ac_layers=k, offloaded=offloaded[i],
                                                                 **flags),
             buffers=work_bytes + (4 * p.block if done else 0.0)))
@@ -412,7 +419,8 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
         # reduce-scatter input, then freed before the output is allocated.
         phases.append(_Phase("backward").add(
             **static, grads=grads + head_grad + max(d.c, 4 / shard) * p.block,
-            param_copies=root_copy + (block_copy if i else 0.0), activations=others + io + prefix[i],
+            param_copies=root_copy + block_copy * (i if not layout.reshard_after_forward else min(i, 1)),
+            activations=others + io + prefix[i],
             buffers=4 * p.block))
     if p.root:  # the root's post-backward, the last one: as a block's, with the root's parameters
         block_grads = grads_all if accumulating else grads_all - 4 * p.root / shard

@@ -1,7 +1,8 @@
 """The attention-backend knob (parallel/attention_backend.py) on CPU, where PyTorch has two SDPA kernels:
 its CPU flash kernel and the math path.
 
-- The seed's FL maps to backend orders (true: flash first; false: flash left out, cuDNN first).
+- The seed's FL maps to backend orders (true: flash first; false: flash left out, cuDNN first); on CUDA
+  auto moves the fastest timed kernel to the front (the ordering rule is tested here, the timing on GPUs).
 - The probe names the kernel that actually ran (read from the aten ops), for causal and packed shapes.
 - A named backend that cannot run is refused with the ones that can; PyTorch's flags are restored.
 - The core decides what the model runs, eager and in compiled blocks (the choice is traced with the call):
@@ -19,7 +20,13 @@ from llamatron.config.job import JobConfig
 from llamatron.config.load import apply_overrides
 from llamatron.errors import LlamatronError
 from llamatron.model import build_model
-from llamatron.parallel.attention_backend import AttentionShape, backend_order, sdpa_ops, select_attention_backend
+from llamatron.parallel.attention_backend import (
+    AttentionShape,
+    backend_order,
+    fastest_first,
+    sdpa_ops,
+    select_attention_backend,
+)
 from llamatron.parallel.compile import apply_compile
 from tests.conftest import tiny_config
 
@@ -34,6 +41,14 @@ def test_seed_fl_maps_to_backend_orders():
     assert backend_order("cudnn", prefer_flash=True) == ["cudnn"]
     with pytest.raises(LlamatronError, match="'fa3' is not one of auto, flash, cudnn, efficient, math"):
         backend_order("fa3")
+
+
+def test_auto_puts_the_fastest_timed_kernel_first_and_ties_keep_the_order():
+    order = ["flash", "efficient", "math", "cudnn"]
+    assert fastest_first(order, {"flash": 4.1e-3, "cudnn": 2.5e-3}) == ["cudnn", "flash", "efficient", "math"]
+    # Within 5% of the fastest counts as tied: the earlier kernel stays first, so noise cannot flip it.
+    assert fastest_first(order, {"flash": 2.6e-3, "cudnn": 2.5e-3}) == order
+    assert fastest_first(order, {}) == order  # nothing timed (CPU): the order as configured
 
 
 @pytest.mark.parametrize("shape", [SHAPE, PACKED], ids=["causal", "packed"])

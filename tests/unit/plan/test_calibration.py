@@ -78,6 +78,14 @@ TRAINER_CASES = [
                 layout=Layout(dp=1), measured_gib=30.8, card="H200, 2026-11-28, torchao 0.17.0", fused_loss=True,
                 compile=True, precision="fp8",
                 command=f"{_SPEED} --micro-batch 4 --variants fused+compile --precision fp8"),
+    # 2026-12-04 (issue 8 (a), "Speed work, one GPU, round 2"): cuDNN attention, blocks kept gathered
+    # from forward to backward (parallel.reshard_after_forward=false), micro batch 4 to 16.
+    *[TrainerCase(name=f"1b-cudnn-noreshard-mb{mb}", model="llama3.2-1b", seq_len=4096, micro_batch=mb,
+                  layout=Layout(dp=1, reshard_after_forward=False), measured_gib=gib, card="H200, 2026-12-04",
+                  fused_loss=True, compile=True,
+                  command=f"{_SPEED} --micro-batch {mb} --variants fused+compile --extra=--parallel.attention_backend"
+                          "=cudnn --extra=--parallel.reshard_after_forward=false")
+      for mb, gib in ((4, 38.5), (8, 57.4), (16, 95.2))],
 ]
 
 
