@@ -10,7 +10,8 @@ splits attention (sums in another order); Adam carries the rounding forward. Los
 losses must agree to 1e-5 relative, gradient norms to 5e-5 (tp alone moves them by 3.3e-6: the
 vocabulary-parallel loss forms its gradient its own way; cp by as much). Measured (2026-11-28, 6
 iterations): losses at most 1e-7, validation 8e-8, gradient norms 1.5e-7 without tp or cp, 7.3e-6 with
-them. A stage left out of the norm, or a tied embedding counted twice, moves it by far more.
+them. A stage left out of the norm, or a tied embedding counted twice, moves it by far more. The layout
+runs are the 20-iteration job since 2026-12-04, at the same bounds.
 
 run_layout and LAYOUTS are meant for reuse: a layout is its CLI flags and its process count."""
 
@@ -35,9 +36,9 @@ from tests.distributed.test_train_dp import corpus, losses, run_train  # noqa: F
 
 TOLERANCE = 1e-5  # losses, measured <= 6.4e-8 (module docstring)
 GRAD_NORM_TOLERANCE = 5e-5  # measured <= 7.3e-6 with tp, 1.5e-7 without
-# 6 iterations, validation and a checkpoint at 3 and 6. The global batch of 4 in micro-batches of 2 gives
-# every pipeline the 2 micro-batches both schedules need at pp2.
-SHORT = ("--train-iters", "6", "--checkpoint.save_interval=3")
+# The issue's 20 iterations, validation and a checkpoint at 10 and 20. The global batch of 4 in
+# micro-batches of 2 gives every pipeline the 2 micro-batches both schedules need at pp2.
+SHORT = ("--train-iters", "20", "--checkpoint.save_interval=10")
 LAYOUTS: dict[str, tuple[tuple[str, ...], int]] = {
     "pp2-uneven": (("--parallel.pp=2", "--parallel.pp_layers=1,3"), 2),
     "pp2-vp2": (("--parallel.pp=2", "--parallel.virtual_pipeline=2"), 2),
@@ -68,14 +69,14 @@ def assert_same_run(records: list[dict], single: list[dict], *, name: str) -> No
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, corpus) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("single") / "run"
-    run_layout(out, corpus, "single", "--training.eval_interval=3")
+    run_layout(out, corpus, "single", "--training.eval_interval=10")
     return out
 
 
 @pytest.fixture(scope="module")
 def tp2_pp2_run(tmp_path_factory, corpus) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("tp2-pp2") / "run"
-    run_layout(out, corpus, "tp2-pp2-sp", "--training.eval_interval=3")
+    run_layout(out, corpus, "tp2-pp2-sp", "--training.eval_interval=10")
     return out
 
 
@@ -85,7 +86,7 @@ def test_pretraining_under_pp_equals_one_process(tmp_path, corpus, single_run, t
     assert sum("valid_loss" in r for r in single) == 2
     assert_same_run(read_metrics(tp2_pp2_run), single, name="tp2-pp2-sp")
     for name in LAYOUTS.keys() - {"tp2-pp2-sp"}:
-        assert_same_run(run_layout(tmp_path / name, corpus, name, "--training.eval_interval=3"), single, name=name)
+        assert_same_run(run_layout(tmp_path / name, corpus, name, "--training.eval_interval=10"), single, name=name)
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_tp2_pp2_checkpoint_exports_and_resumes_at_dp4_and_pp2_cp2(tmp_path, cor
     # Every rank saved its stage's share under the global names: the whole model reads back, as one
     # process's weights. Adam's step normalises the gradient, so where a gradient is near zero a rounding
     # difference moves a weight by up to ~lr: compared per tensor as a whole, measured <= 7.9e-6 relative.
-    step = "checkpoints/step-0000003"
+    step = "checkpoints/step-0000010"
     pp_model, _ = load_dcp_model(tp2_pp2_run / step)
     one_model, _ = load_dcp_model(single_run / step)
     for (name, a), (_, b) in zip(pp_model.state_dict().items(), one_model.state_dict().items(), strict=True):
@@ -108,10 +109,10 @@ def test_tp2_pp2_checkpoint_exports_and_resumes_at_dp4_and_pp2_cp2(tmp_path, cor
     for name, flags in (("dp4", ("--training.micro_batch_size=1",)), ("pp2-cp2", LAYOUTS["pp2-cp2"][0])):
         out = tmp_path / name
         shutil.copytree(tp2_pp2_run, out)
-        shutil.rmtree(out / "checkpoints" / "step-0000006")
-        (out / "checkpoints" / "latest").write_text("step-0000003")
+        shutil.rmtree(out / "checkpoints" / "step-0000020")
+        (out / "checkpoints" / "latest").write_text("step-0000010")
         resumed = run_train(out, corpus, *JOB, *SHORT, *flags, nproc=4)
-        assert [r["iteration"] for r in resumed] == list(range(1, 7))
+        assert [r["iteration"] for r in resumed] == list(range(1, 21))
         np.testing.assert_allclose(losses(resumed), losses(read_metrics(single_run)), rtol=TOLERANCE, err_msg=name)
 
 
@@ -139,7 +140,7 @@ def packed_sft(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_packed_sft_under_pp_equals_one_process(tmp_path, packed_sft):
-    sft = ("--data.kind=sft", "--data.sft_format=idxmap", "--training.seq_len=64", "--training.eval_interval=3",
+    sft = ("--data.kind=sft", "--data.sft_format=idxmap", "--training.seq_len=64", "--training.eval_interval=10",
            f"--data.valid_data_path={packed_sft}")
     single = run_layout(tmp_path / "single", packed_sft, "single", *sft, model=SMALL_VOCAB_MODEL)
     assert sum("valid_loss" in r for r in single) == 2

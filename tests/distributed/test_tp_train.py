@@ -4,7 +4,8 @@ and packed SFT; checkpoints saved under tp2 resume under tp1 and dp2 (DCP reshar
 Tolerance: fp32 on CPU. One TP step gives the plain step's loss and gradients to ~1e-7 relative
 (tests/distributed/test_tp.py), but matmuls split over ranks sum in another order and Adam carries the
 rounding forward. Losses must agree to 1e-5 relative; measured (2026-11-27): at most 1.4e-7 for every
-layout here (tp2 with and without SP, dp2 x tp2, the tp2 checkpoint resumed at tp1 and dp2, packed SFT)."""
+layout here (tp2 with and without SP, dp2 x tp2, the tp2 checkpoint resumed at tp1 and dp2, packed SFT;
+packed SFT at plain dp2 added 2026-12-04, at the same bound)."""
 
 from __future__ import annotations
 
@@ -77,10 +78,12 @@ def test_tp2_checkpoint_resumes_at_tp1_and_dp2(tmp_path, corpus, single_run, tp2
 
 
 @pytest.mark.slow
-def test_packed_sft_losses_under_tp_equal_one_process(tmp_path):
+def test_packed_sft_losses_under_tp_and_dp_equal_one_process(tmp_path):
     single = losses(run_train(tmp_path / "single", DEMO_SFT, *JOB, *SFT))
-    for name, extra, nproc in (("tp2-sp", (SP,), 2), ("dp2-tp2", (NO_SP,), 4)):
-        multi = losses(run_train(tmp_path / name, DEMO_SFT, *JOB, *SFT, "--parallel.tp=2", *extra, nproc=nproc))
+    layouts = (("tp2-sp", ("--parallel.tp=2", SP), 2), ("dp2-tp2", ("--parallel.tp=2", NO_SP), 4), ("dp2", (), 2))
+    for name, flags, nproc in layouts:
+        multi = losses(run_train(tmp_path / name, DEMO_SFT, *JOB, *SFT, *flags, nproc=nproc))
+        assert len(multi) == len(single) == 20, name
         np.testing.assert_allclose(multi, single, rtol=TOLERANCE, err_msg=name)
 
 

@@ -2,8 +2,8 @@
 and a resumed run equals a straight one.
 
 Tolerances: fp32 on CPU. Different data-parallel sizes sum gradients in a different order, so losses
-agree to 1e-4 relative over 20 steps (measured differences are ~1e-6); resume at the same size is
-exact (the same operations in the same order)."""
+agree to 1e-5 relative over 20 steps (the issue's aim; measured differences are ~1e-6); resume at the
+same size is exact (the same operations in the same order)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from llamatron.data.indexed import write_documents
 from tests.conftest import SMALL_VOCAB_EOD, SMALL_VOCAB_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
+DP_TOLERANCE = 1e-5  # relative, over the 20 iterations (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +73,14 @@ def test_loss_falls_and_metrics_are_complete(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_data_parallel_sizes_give_the_same_losses(tmp_path, corpus):
-    short = ("--train-iters", "8", "--training.eval_interval=0")
+    short = ("--train-iters", "20", "--training.eval_interval=0")
     single = losses(run_train(tmp_path / "dp1", corpus, *short))
     for nproc in (2, 4):
         multi = losses(run_train(tmp_path / f"dp{nproc}", corpus, *short, nproc=nproc))
-        np.testing.assert_allclose(multi, single, rtol=1e-4)
+        np.testing.assert_allclose(multi, single, rtol=DP_TOLERANCE)
     replicated = losses(run_train(tmp_path / "dp2-rep", corpus, *short, "--parallel.distributed_optimizer=false",
                                   nproc=2))
-    np.testing.assert_allclose(replicated, single, rtol=1e-4)
+    np.testing.assert_allclose(replicated, single, rtol=DP_TOLERANCE)
 
 
 def test_resume_equals_straight_run(tmp_path, corpus):
@@ -95,8 +96,8 @@ def test_resume_equals_straight_run(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_resume_at_another_data_parallel_size(tmp_path, corpus):
-    short = ("--train-iters", "8", "--training.eval_interval=0")
+    short = ("--train-iters", "20", "--training.eval_interval=0")
     straight = losses(run_train(tmp_path / "straight", corpus, *short))
-    run_train(tmp_path / "run", corpus, *short, "--training.exit_interval=4", nproc=2)
+    run_train(tmp_path / "run", corpus, *short, "--training.exit_interval=10", nproc=2)
     resumed = losses(run_train(tmp_path / "run", corpus, *short, nproc=4))
-    np.testing.assert_allclose(resumed, straight, rtol=1e-4)
+    np.testing.assert_allclose(resumed, straight, rtol=DP_TOLERANCE)
