@@ -86,6 +86,11 @@ TRAINER_CASES = [
                   command=f"{_SPEED} --micro-batch {mb} --variants fused+compile --extra=--parallel.attention_backend"
                           "=cudnn --extra=--parallel.reshard_after_forward=false")
       for mb, gib in ((4, 38.5), (8, 57.4), (16, 95.2))],
+    TrainerCase(name="1b-fp8-cudnn-noreshard-mb16", model="llama3.2-1b", seq_len=4096, micro_batch=16,
+                layout=Layout(dp=1, reshard_after_forward=False), measured_gib=71.2,
+                card="H200, 2026-12-04, torchao 0.17.0", fused_loss=True, compile=True, precision="fp8",
+                command=f"{_SPEED} --micro-batch 16 --variants fused+compile --precision fp8 "
+                        "--extra=--parallel.reshard_after_forward=false"),
 ]
 
 
