@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend
 
 from llamatron.errors import LlamatronError
@@ -208,3 +209,19 @@ def select_attention_backend(
         )
     return AttentionBackend(choice=choice, order=tuple(order), ran=ran, shape=shape, dtype=dtype,
                             seconds=tuple(sorted(seconds.items(), key=lambda item: item[1])))
+
+
+def agree_across_ranks(backend: AttentionBackend, *, device: torch.device) -> AttentionBackend:
+    """Every rank runs rank 0's timed choice. Each rank times the kernels itself, and on a close call two
+    GPUs can time different winners; ranks that run the same attention with different kernels would round
+    differently from one another (a tensor- or context-parallel group computes one result between them)."""
+    if not backend.seconds or not dist.is_initialized() or dist.get_world_size() == 1:
+        return backend
+    names = list(_SDP)
+    first = torch.tensor([names.index(backend.order[0])], device=device)
+    dist.broadcast(first, src=0)
+    chosen = names[int(first.item())]
+    if chosen == backend.order[0]:
+        return backend
+    # Rank 0 ran `chosen` on the same shape, so it is one of this rank's working kernels too.
+    return replace(backend, order=(chosen, *(name for name in backend.order if name != chosen)), ran=chosen)

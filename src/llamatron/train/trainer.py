@@ -24,7 +24,7 @@ from llamatron.config.load import to_dict
 from llamatron.errors import LlamatronError, collect_problems
 from llamatron.model import Llama
 from llamatron.parallel.ac import apply_ac
-from llamatron.parallel.attention_backend import AttentionShape, select_attention_backend
+from llamatron.parallel.attention_backend import AttentionShape, agree_across_ranks, select_attention_backend
 from llamatron.parallel.compile import apply_compile
 from llamatron.parallel.cp import apply_cp, cp_problems
 from llamatron.parallel.fp8 import apply_fp8
@@ -295,9 +295,10 @@ class Trainer:
             # A cp rank attends with its slice of the sequence (never a whole-sequence mask).
             seq=sample["tokens"].shape[1] // p.cp, head_dim=model_config.dim_per_head, packed="document_ids" in sample,
         )
-        return select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
-                                        device=self.env.device, dtype=compute_dtype(t.precision),
-                                        compiled=t.compile and p.cp == 1)
+        backend = select_attention_backend(p.attention_backend, prefer_flash=p.flash_attention, shape=shape,
+                                           device=self.env.device, dtype=compute_dtype(t.precision),
+                                           compiled=t.compile and p.cp == 1)
+        return agree_across_ranks(backend, device=self.env.device)
 
     def _loss_kind(self) -> str:
         if self.config.data.kind == "sft" and self.config.data.sft_loss == "sequence_mean":

@@ -12,6 +12,11 @@ its CPU flash kernel and the math path.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,9 @@ from llamatron.config.load import apply_overrides
 from llamatron.errors import LlamatronError
 from llamatron.model import build_model
 from llamatron.parallel.attention_backend import (
+    AttentionBackend,
     AttentionShape,
+    agree_across_ranks,
     backend_order,
     fastest_first,
     sdpa_ops,
@@ -30,6 +37,7 @@ from llamatron.parallel.attention_backend import (
 from llamatron.parallel.compile import apply_compile
 from tests.conftest import tiny_config
 
+REPO = Path(__file__).resolve().parents[3]
 CPU = torch.device("cpu")
 SHAPE = AttentionShape(batch=2, heads=4, kv_heads=2, seq=24, head_dim=16, packed=False)
 PACKED = AttentionShape(batch=2, heads=4, kv_heads=2, seq=24, head_dim=16, packed=True)
@@ -115,3 +123,33 @@ def test_config_takes_the_seed_fl_and_backend_names():
         apply_overrides(JobConfig(), ["--parallel.attention_backend=fa3"])
     config = apply_overrides(JobConfig(), ["--parallel.flash_attention=false", "--parallel.attention_backend=flash"])
     assert any("contradicts" in p for p in config.problems())
+
+
+def test_every_rank_runs_rank_0s_timed_choice():
+    """Two gloo ranks whose own timings disagree (a close call) end with rank 0's kernel first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("agreed on cudnn") == 2, proc.stdout
+
+
+def _agree_on_two_ranks() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    # Rank 0 timed cuDNN fastest, rank 1 flash: each probe put its own winner first.
+    seconds = (("cudnn", 2.5e-3), ("flash", 2.6e-3)) if rank == 0 else (("flash", 2.4e-3), ("cudnn", 2.6e-3))
+    order = tuple(name for name, _ in seconds) + ("efficient", "math")
+    backend = AttentionBackend(choice="auto", order=order, ran=order[0], shape=SHAPE, dtype=torch.bfloat16,
+                               seconds=seconds)
+    agreed = agree_across_ranks(backend, device=CPU)
+    assert agreed.order == ("cudnn", "flash", "efficient", "math") and agreed.ran == "cudnn", agreed
+    assert agreed.core().backends[0] == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+    print(f"rank {rank} agreed on {agreed.ran}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _agree_on_two_ranks()
