@@ -215,7 +215,8 @@ def agree_across_ranks(backend: AttentionBackend, *, device: torch.device) -> At
     """Every rank runs rank 0's timed choice. Each rank times the kernels itself, and on a close call two
     GPUs can time different winners; ranks that run the same attention with different kernels would round
     differently from one another (a tensor- or context-parallel group computes one result between them)."""
-    if not backend.seconds or not dist.is_initialized() or dist.get_world_size() == 1:
+    # Decided by the config alone, so every rank takes part in the broadcast or none does.
+    if backend.choice != "auto" or not dist.is_initialized() or dist.get_world_size() == 1:
         return backend
     names = list(_SDP)
     first = torch.tensor([names.index(backend.order[0])], device=device)
