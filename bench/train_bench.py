@@ -113,13 +113,12 @@ def run_hf(args: argparse.Namespace, work: Path) -> dict:
     return {**result, "variant": "hf", "wall_s": time.perf_counter() - start, "first_step_s": None}
 
 
-def _profile_window(extra: list[str]) -> tuple[int, int] | None:
-    """The iterations --extra=--logging.profile_iterations=A,B profiles, if any."""
-    for override in extra:
-        if override.startswith("--logging.profile_iterations="):
-            first, last = override.split("=", 1)[1].split(",")
-            return int(first), int(last)
-    return None
+def _profile_window(extra: list[str]) -> list[int] | None:
+    """The iterations the --extra overrides profile (logging.profile_iterations), if any."""
+    from llamatron.config.job import JobConfig
+    from llamatron.config.load import apply_overrides
+
+    return apply_overrides(JobConfig(), extra).logging.profile_iterations if extra else None
 
 
 def main() -> int:

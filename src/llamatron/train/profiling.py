@@ -31,7 +31,7 @@ class StepProfiler:
         """Called with the iteration about to run."""
         if self.window is not None and iteration == self.window[0]:
             self._profile = profile(activities=self.activities, record_shapes=True)
-            self._profile.__enter__()
+            self._profile.start()
 
     def stop(self, iteration: int) -> Path | None:
         """Called with the iteration just finished; at the window's end, writes the files and returns the table's path."""
@@ -39,7 +39,7 @@ class StepProfiler:
             return None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        self._profile.__exit__(None, None, None)
+        self._profile.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(str(self.out_dir / f"trace_rank{self.rank}.json"))
         table = self._profile.key_averages().table(sort_by=self.sort_by, row_limit=60, max_name_column_width=90)
