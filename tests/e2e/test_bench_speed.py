@@ -66,7 +66,7 @@ def test_summaries_aggregate_as_the_hf_baseline():
 def test_sft_packing_bench_runs_at_tiny_scale(tmp_path):
     out = tmp_path / "sft.json"
     cmd = [sys.executable, str(REPO / "bench" / "sft_packing_bench.py"), "--model", "tiny", "--seq-len", "128",
-           "--micro-batch", "2", "--steps", "3", "--warmup-steps", "1", "--samples", "100", "--median-len", "30",
+           "--micro-batch", "2", "--steps", "8", "--warmup-steps", "2", "--samples", "100", "--median-len", "30",
            "--device", "cpu", "--precision", "fp32", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=900)
@@ -74,5 +74,7 @@ def test_sft_packing_bench_runs_at_tiny_scale(tmp_path):
     result = json.loads(out.read_text())
     packed, padded = result["runs"]
     assert packed["fill"] > 0.9 > 0.5 > padded["fill"]
-    assert result["packed_over_padded"] > 1.0  # the rows cost about the same; packed ones hold ~4x the tokens
+    # The rows cost about the same; packed ones hold ~4x the tokens (measured ~2x on an idle 2-core VM). Six
+    # timed steps a variant, not two: with two, a burst of load from the other test worker once put it at 0.98.
+    assert result["packed_over_padded"] > 1.0
     assert "packed / padded" in proc.stdout
