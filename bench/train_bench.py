@@ -54,6 +54,8 @@ def write_random_corpus(prefix: Path, *, tokens: int, vocab: int, seed: int = 0)
 
 def run_trainer(run_dir: Path, overrides: list[str], *, nproc: int, timeout: float) -> tuple[list[dict], float]:
     """`llamatron train` in a subprocess; its metrics.jsonl records and the wall time."""
+    if run_dir.exists():  # the trainer would append to its metrics.jsonl and the figures would mix two runs
+        raise SystemExit(f"{run_dir} exists from an earlier run; pass a new --workdir")
     cmd = [sys.executable, "-m", "llamatron.cli.main", "train", "--output", str(run_dir), *overrides]
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
@@ -90,14 +92,15 @@ def summarize(records: list[dict], *, warmup_steps: int, tokens_per_step: int, g
 def table(rows: list[dict], *, baseline: str | None) -> str:
     """A Markdown table of the variants (the ratio column against `baseline`'s tokens/s)."""
     base = next((r["tokens_per_s_per_gpu"] for r in rows if r["variant"] == baseline), None)
-    lines = ["| variant | tokens/s/GPU | MFU | peak memory GiB | " + (f"vs {baseline} | " if base else "")
-             + "first step s | wall s |",
-             "|---|---|---|---|" + ("---|" if base else "") + "---|---|"]
+    lines = ["| variant | micro batch x accumulation | tokens/s/GPU | MFU | peak memory GiB | "
+             + (f"vs {baseline} | " if base else "") + "first step s | wall s |",
+             "|---|---|---|---|---|" + ("---|" if base else "") + "---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['tokens_per_s_per_gpu'] / base:.2f}x | " if base else ""
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+        batch = f"{r.get('micro_batch', '?')} x {r.get('grad_accum', 1)}"
+        lines.append(f"| {r['variant']} | {batch} | {r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
                      f"{ratio}{first} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -105,7 +108,8 @@ def table(rows: list[dict], *, baseline: str | None) -> str:
 def run_hf(args: argparse.Namespace, work: Path) -> dict:
     out = work / "hf.json"
     cmd = [sys.executable, str(Path(__file__).with_name("hf_train_baseline.py")), "--model", args.model,
-           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+           "--seq-len", str(args.seq_len), "--micro-batch", str(args.hf_micro_batch or args.micro_batch),
+           "--grad-accum", str(args.hf_grad_accum or args.grad_accum), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps), "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, timeout=args.timeout)
@@ -127,6 +131,10 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--hf-micro-batch", type=int, default=None,
+                        help="HF's micro batch when it must differ (memory); default --micro-batch")
+    parser.add_argument("--hf-grad-accum", type=int, default=None,
+                        help="HF's micro-batches per step; with --hf-micro-batch, the same global batch as llamatron")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=5)
@@ -183,7 +191,8 @@ def main() -> int:
             records = [r for r in records if not window[0] <= r["iteration"] <= window[1]]
         summary = summarize(records, warmup_steps=args.warmup_steps, tokens_per_step=global_batch * args.seq_len,
                             gpus=args.nproc, flops_per_token=fpt, peak_tflops=peak)
-        rows.append({"variant": variant, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall, **summary})
+        rows.append({"variant": variant, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall,
+                     "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, **summary})
     result = {
         "model": args.model, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gpus": args.nproc,
         "global_batch": global_batch, "precision": args.precision, "steps": args.steps,

@@ -268,11 +268,12 @@ def clip_grad_norm_(
     *,
     pp_group: dist.ProcessGroup | None = None,
     exclude_from_norm: Iterable[nn.Parameter] = (),
-) -> float:
+) -> torch.Tensor:
     """Clip to a total 2-norm over the whole model: each stage's norm (DTensor gradients already
     reduce over their data- and tensor-parallel mesh) is squared, summed over the pipeline ranks and
     rooted, as torchtitan and Megatron do. `exclude_from_norm` are clipped but not counted (the tied
-    embedding's second copy, whose gradient equals the first's). Returns the norm before clipping."""
+    embedding's second copy, whose gradient equals the first's). Returns the norm before clipping, a 0-dim
+    tensor on the gradients' device (reading it waits for the GPU: the trainer does so once the step is queued)."""
     parameters = [p for p in parameters if p.grad is not None]
     excluded = {id(p) for p in exclude_from_norm}
     grads = [p.grad for p in parameters if id(p) not in excluded]
@@ -287,7 +288,7 @@ def clip_grad_norm_(
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
-    return float(total)
+    return total
 
 
 def tied_embedding_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:

@@ -26,8 +26,9 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection, *, fused: bool = False) -> torch.optim.AdamW:
-    # fused=True runs the whole update as a few kernels on GPU; foreach is the CPU fallback.
+def build_optimizer(model: nn.Module, optim: OptimSection, *, fused: bool = True) -> torch.optim.AdamW:
+    # fused=True runs the whole update as a few kernels (CUDA and CPU alike), and only the fused kernel can
+    # skip a step on a device flag (step_unless); foreach is kept for comparison.
     kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(
         param_groups(model, weight_decay=optim.weight_decay),
@@ -36,6 +37,23 @@ def build_optimizer(model: nn.Module, optim: OptimSection, *, fused: bool = Fals
         eps=optim.eps,
         **kwargs,
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether step_unless applies: torch's own fused AdamW, whose kernel reads a found_inf flag on the
+    device (the optimizer-offload subclass steps part of the model on the host and does not)."""
+    return type(optimizer) is torch.optim.AdamW and bool(optimizer.defaults.get("fused"))
+
+
+def step_unless(optimizer: torch.optim.AdamW, *, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), skipped by the kernel where found_inf (a 0-dim fp32 device tensor) is 1:
+    parameters, moments and step counts stay as they were. The flag is handed over as torch.amp.GradScaler
+    does (the optimizer attribute Adam.step reads), so the host never waits to decide."""
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -55,7 +55,7 @@ from llamatron.train.metrics import (
     flops_per_token,
     peak_memory_gib,
 )
-from llamatron.train.optim import LRSchedule, build_optimizer, set_lr
+from llamatron.train.optim import LRSchedule, build_optimizer, set_lr, skips_on_device, step_unless
 from llamatron.train.pipeline import (
     PipelineLoss,
     pack_target,
@@ -133,7 +133,7 @@ class Trainer:
             apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1)
             apply_fsdp(part, fsdp_mesh(self.mesh), param_dtype=compute_dtype(t.precision),
                        shard=config.parallel.distributed_optimizer, reshard_after_forward=p.reshard_after_forward)
-        self.optimizer = build_optimizer(self.model, config.optim, fused=env.device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, config.optim)
         self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
         self.schedule = LRSchedule(
             max_lr=config.optim.lr, min_lr=config.optim.min_lr, warmup_iters=self.schedule_info.warmup_iters,
@@ -146,6 +146,7 @@ class Trainer:
         )
         self.state = ckpt.TrainState()
         self._stop_requested = False
+        self._prefetched: tuple[int, list[dict]] | None = None  # (consumed_samples, micro-batches) of the next step
 
     # ---- resume -------------------------------------------------------------------------------
     def resume_or_init(self) -> None:
@@ -168,10 +169,7 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        micro_batches = [
-            collate([self.data.train[i] for i in indices])
-            for indices in self.plan.rank_indices(self.state.consumed_samples)
-        ]
+        micro_batches = self._micro_batches(self.state.consumed_samples)
         kind = self._loss_kind()
         # The loss is normalised by the global batch's count (tokens or sequences), gathered before
         # backward, so gradients are exact whatever the ranks' shares and the accumulation.
@@ -185,29 +183,51 @@ class Trainer:
         tokens = sum(mb["tokens"].numel() for mb in micro_batches)
         self.scaler.unscale_(self.model.parameters())
         grad_norm = self._clip_grad_norm()
-        (loss_total,) = self._batch_sum([loss_sum])
-        skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
+        loss_total = self._batch_sum_on_device(loss_sum)
         set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+        if skips_on_device(self.optimizer):
+            # No host sync until the step is queued: the CPU dispatches clipping and the optimizer while the
+            # GPU still runs backward, and the kernel itself skips a non-finite step.
+            nonfinite = ~(torch.isfinite(loss_total) & torch.isfinite(grad_norm))
+            step_unless(self.optimizer, found_inf=nonfinite.float())
+            self._prefetch_next_batches()  # host work done while the GPU finishes this step
+            loss_value, norm_value, skipped_value = torch.stack(
+                [loss_total.double(), grad_norm.double(), nonfinite.double()]).tolist()
+            skipped = bool(skipped_value)
         else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.fp8 is not None:
-                self.fp8.after_optimizer_step(self.model)
+            loss_value, norm_value = loss_total.item(), grad_norm.item()
+            skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.fp8 is not None and not skipped:
+            self.fp8.after_optimizer_step(self.model)
         self.scaler.update(found_inf=skipped)
-        return StepResult(loss=loss_total, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+        return StepResult(loss=loss_value, grad_norm=norm_value, tokens=tokens, skipped=skipped)
 
-    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> float:
-        """Gradient accumulation over the rank's micro-batches; returns the sum of their losses."""
-        loss_sum = 0.0
+    def _micro_batches(self, consumed_samples: int) -> list[dict]:
+        """This rank's micro-batches of the step that starts at `consumed_samples` (collated on the host)."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == consumed_samples:
+            return prefetched[1]
+        return [collate([self.data.train[i] for i in indices]) for indices in self.plan.rank_indices(consumed_samples)]
+
+    def _prefetch_next_batches(self) -> None:
+        if self.state.iteration + 1 < self.schedule_info.train_iters:
+            consumed = self.state.consumed_samples + self.plan.global_batch_size
+            self._prefetched = (consumed, self._micro_batches(consumed))
+
+    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> torch.Tensor:
+        """Gradient accumulation over the rank's micro-batches; returns the sum of their losses (0-dim fp64 on
+        the device: read once the step is queued)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for mb in micro_batches:
             mb = self._cp_slice({k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}, kind=kind)
             numerator, _ = self._forward_loss(mb, kind=kind)
             loss = numerator / max(global_count, 1.0)
             # FSDP averages gradients over data-parallel (x cp) ranks; undo that to keep the global-batch sum.
             self.scaler.scale(loss * self.grad_ranks).backward()
-            loss_sum += loss.detach().float().item()
+            loss_sum += loss.detach()
         return loss_sum
 
     # ---- pipeline parallelism ------------------------------------------------------------------
@@ -239,7 +259,7 @@ class Trainer:
         sync_tied_grads(pipe, self._tied_group)
         return self._pipeline_loss.total()
 
-    def _clip_grad_norm(self) -> float:
+    def _clip_grad_norm(self) -> torch.Tensor:
         """Clip to the whole model's gradient norm: under a pipeline summed over the stages, a tied
         embedding's second copy (the last stage's output layer) not counted twice."""
         pipe = self.pipeline
@@ -260,6 +280,15 @@ class Trainer:
         if self.pipeline is not None:
             values = all_reduce_sum(values, device=self.env.device, group=self.pp_group)
         return all_reduce_sum(values, device=self.env.device, group=self.loss_group)
+
+    def _batch_sum_on_device(self, value: torch.Tensor | float) -> torch.Tensor:
+        """_batch_sum of one value as a 0-dim fp64 device tensor, without waiting for it."""
+        total = torch.as_tensor(value, dtype=torch.float64, device=self.env.device).reshape(1)
+        groups = ([self.pp_group] if self.pipeline is not None else []) + [self.loss_group]
+        for group in groups:
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(total, group=group)
+        return total[0]
 
     # ---- context parallelism --------------------------------------------------------------------
     def _cp_slice(self, mb: dict[str, torch.Tensor], *, kind: str) -> dict[str, torch.Tensor]:
