@@ -22,6 +22,18 @@ def find_shared_dir():
     pytest.fail(f"shared/testdata not found beside the repository {repo}; CI must check out shared/ next to it")
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's child process (torchrun workers, the CLI): the repository's src/ and
+    root ahead of whatever PYTHONPATH already holds, so children import this checkout whether or not the
+    package is installed, and one thread each."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(repo / "src"), str(repo), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 @pytest.fixture
 def shared_dir():
     return find_shared_dir()

@@ -57,9 +57,11 @@ def test_summaries_aggregate_as_the_hf_baseline():
     assert out["logged_tokens_per_s_per_gpu"] == pytest.approx((1000 + 500) / 2)
     assert out["peak_memory_gib"] == 2.0 and out["first_step_s"] == 5.0
     rows = [{"variant": "hf", "tokens_per_s_per_gpu": 100.0, "mfu": 0.3, "peak_memory_gib": 1.0, "wall_s": 9.0,
-             "first_step_s": None}, {"variant": "fused", **out, "wall_s": 20.0}]
+             "first_step_s": None, "micro_batch": 4, "grad_accum": 4},
+            {"variant": "fused", **out, "wall_s": 20.0, "micro_batch": 16, "grad_accum": 1}]
     text = train_bench.table(rows, baseline="hf")
-    assert "| fused | 667 | 66.7% | 2.0 | 6.67x | 5.0 | 20 |" in text, text
+    assert "| hf | 4 x 4 | 100 | 30.0% | 1.0 | 1.00x | - | 9 |" in text, text
+    assert "| fused | 16 x 1 | 667 | 66.7% | 2.0 | 6.67x | 5.0 | 20 |" in text, text
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch
 from llamatron.checkpoint.hf import TOKENIZER_FILES, save_hf_model
 from llamatron.cli.main import main
 from llamatron.model import build_model
-from tests.conftest import tiny_config
+from tests.conftest import subprocess_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = REPO / "toolkits/model_checkpoints_convertor/llama/hf2mcore_convertor_llama3_1.sh"
@@ -144,7 +144,7 @@ def test_seed_script_examples(smollm2, tmp_path):
     for name in TOKENIZER_FILES:
         if (smollm2 / name).is_file():
             shutil.copyfile(smollm2 / name, hf / name)
-    env = {**os.environ, "LLAMATRON": f"{sys.executable} -m llamatron.cli.main", "PYTHONPATH": str(REPO / "src")}
+    env = subprocess_env(LLAMATRON=f"{sys.executable} -m llamatron.cli.main")
     mcore_dir, back = hf / "mcore-tp4-pp2", hf / "hf-from-mg"
     subprocess.run(["bash", str(SEED_SCRIPT), "8B", str(hf), str(mcore_dir), "4", "2", "false", "true", "false",
                     "bf16"], check=True, env=env)

@@ -117,6 +117,10 @@ class Workload:
     """Whether the plain loss's logits stay referenced through backward. The trainer hands them straight to
     the loss (False); before the fused-loss work its train_step held them in a local (True), as in the
     runs of docs/BENCHMARKS.md dated 2026-11-27."""
+    chunk_fp32_kept: bool = False
+    """Whether a compiled fused-loss chunk stores its fp32 softmax (C x vocab). The trainer's compiled chunk
+    does not (train/fused_loss.py, _chunk_loss_and_grad_fusable: False); before 2026-12-04 (session 5) it
+    was compiled from the in-place function and did (True), as in the compiled runs measured until then."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -236,7 +240,8 @@ def final_norm_bytes(d: Dims, *, loss: str) -> float:
     return held if loss == "fused" else held + d.c * d.h * d.tokens
 
 
-def loss_bytes(d: Dims, *, loss: str, logits_kept: bool = False, chunk: int | None = None) -> tuple[float, float]:
+def loss_bytes(d: Dims, *, loss: str, logits_kept: bool = False, chunk: int | None = None,
+               chunk_fp32: bool = True) -> tuple[float, float]:
     """(held after forward, peak) of the output layer + cross entropy.
 
     full_logits (train/loss.py): cross entropy's fp32 log-softmax output saved (and the logits in the
@@ -247,14 +252,14 @@ def loss_bytes(d: Dims, *, loss: str, logits_kept: bool = False, chunk: int | No
     vocab_parallel (parallel/loss_parallel.py): on V / tp, its peak in forward (logits, their fp32 copy,
     shifted and exp: (c + 12) T V); saved: the fp32 softmax.
     fused (train/fused_loss.py): the labelled rows of h and their gradient (c h T each) and dW accumulated
-    in fp32 (4 V h); at a chunk's peak its logits, their fp32 softmax and its compute-dtype gradient
-    ((2c + 4) C V) while the previous chunk's gradient is still referenced (c C V); after forward dh and
-    dW (compute dtype) stay for backward."""
+    in fp32 (4 V h); at a chunk's peak its logits, their fp32 softmax (only where the chunk runs eagerly,
+    or compiled the old way: chunk_fp32) and its compute-dtype gradient ((2c + 4) C V) while the previous
+    chunk's gradient is still referenced (c C V); after forward dh and dW (compute dtype) stay for backward."""
     t, v = d.tokens, d.vocab
     if loss == "fused":
         size = min(t, chunk or fused_loss_chunk(v))
         held = d.c * d.h * t + d.c * v * d.h
-        logits = (2 * d.c + 4) * size * v + (d.c * size * v if t > size else 0)
+        logits = (2 * d.c + (4 if chunk_fp32 else 0)) * size * v + (d.c * size * v if t > size else 0)
         return held, 2 * d.c * d.h * t + 4 * v * d.h + logits
     kept = d.c if logits_kept else 0
     if loss == "full_logits":  # forward: logits, their labelled rows, the fp32 copy and the log-softmax output
@@ -392,7 +397,8 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
     phases = []
     if last:
         loss = loss_path(layout, work)
-        _, peak = loss_bytes(d, loss=loss, chunk=work.fused_chunk, logits_kept=work.logits_kept)
+        _, peak = loss_bytes(d, loss=loss, chunk=work.fused_chunk, logits_kept=work.logits_kept,
+                             chunk_fp32=not work.compile or work.chunk_fp32_kept)
         # The last block stays gathered; the fused loss runs inside the root's forward, before FSDP2
         # releases the last all-gather's output buffer.
         copies = root_copy + block_copy * (2 if loss == "fused" else 1)

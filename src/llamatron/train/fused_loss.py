@@ -146,11 +146,34 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor
         grad_weight += grad_logits.t() @ h
 
 
+def _chunk_loss_and_grad_fusable(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """_chunk_loss_and_grad written for the compiler: no in-place update of a (C, vocab) buffer, the one-hot
+    term an index comparison, so inductor reads the chunk's logits twice (an online-softmax reduction for
+    the row max and sum, then one element-wise pass that writes the gradient in the logits' dtype) and
+    never stores an fp32 (C, vocab) tensor. The in-place version made it keep one (scatter_add_ cannot be
+    fused): on an H200, 1.0 ms a 2048-token chunk of Llama 3's vocabulary against ~0.4 ms. Same arithmetic
+    per element (fp32), up to the order of the one-hot subtraction. Eagerly this would allocate several fp32
+    temporaries of the chunk's size; the eager path keeps the in-place function."""
+    z = logits.float()  # (C, vocab)
+    row_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    sum_exp = (z - row_max).exp().sum(dim=-1, keepdim=True)  # (C, 1)
+    target_logit = z.gather(-1, targets[:, None])  # (C, 1)
+    losses = (sum_exp.log() + row_max - target_logit).squeeze(-1)  # (C,)
+    loss = (losses * weights).sum()
+    if not grad:
+        return loss, None
+    is_target = torch.arange(z.shape[-1], device=z.device)[None, :] == targets[:, None]  # (C, vocab) bool
+    softmax = (z - row_max).exp() / sum_exp
+    return loss, ((softmax - is_target.float()) * weights[:, None]).to(logits.dtype)
+
+
 @functools.cache
 def _compiled_chunk_fn(backend: str) -> Callable:
     # One compiled function per backend for the process; the last chunk's shorter length makes the
     # token dimension dynamic after one recompile.
-    return torch.compile(_chunk_loss_and_grad, backend=backend)
+    return torch.compile(_chunk_loss_and_grad_fusable, backend=backend)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

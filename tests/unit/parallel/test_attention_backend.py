@@ -12,7 +12,6 @@ its CPU flash kernel and the math path.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from llamatron.parallel.attention_backend import (
     select_attention_backend,
 )
 from llamatron.parallel.compile import apply_compile
-from tests.conftest import tiny_config
+from tests.conftest import subprocess_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[3]
 CPU = torch.device("cpu")
@@ -127,7 +126,7 @@ def test_config_takes_the_seed_fl_and_backend_names():
 
 def test_every_rank_runs_rank_0s_timed_choice():
     """Two gloo ranks whose own timings disagree (a close call) end with rank 0's kernel first."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

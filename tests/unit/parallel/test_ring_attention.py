@@ -11,7 +11,6 @@ absolute floor of 1e-6 (measured: at most 5e-7 absolute on values of order 1).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from llamatron.parallel.cp import cp_problems, shard_batch, zigzag_indices
 from llamatron.parallel.ring_attention import _block_layout, _merge
+from tests.conftest import subprocess_env
 
 RTOL, ATOL = 1e-5, 1e-6
 REPO = Path(__file__).resolve().parents[3]
@@ -96,7 +96,7 @@ def test_cp_problems_lists_every_length():
 @pytest.mark.slow  # ~18 s of CPU over 4 processes: about 20 s on 2 cores shared with another test worker
 def test_ring_attention_equals_one_process():
     """One launch of 4 processes: every case on a ring of 4, then on two rings of 2 ({0, 1} and {2, 3})."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", __file__]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

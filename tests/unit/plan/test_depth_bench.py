@@ -4,7 +4,6 @@ its pure parts, and (slow) the script end to end on CPU at tiny scale, its JSON 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from llamatron.checkpoint.hf import HFCheckpointReader
 from llamatron.model.config import preset
 from llamatron.plan.extrapolate import read_measurement
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "bench"))
@@ -47,7 +47,7 @@ def test_cut_model_directory_reads_back(tmp_path):
 @pytest.mark.slow
 def test_bench_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "depth.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "plan_depth_bench.py"), "--model", "tiny", "--layers", "1", "2",
          "--seq-len", "32", "--steps", "2", "--warmup-steps", "1", "--device", "cpu", "--timeout", "300",

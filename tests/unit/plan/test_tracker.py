@@ -9,7 +9,6 @@ scalars). Observed when written: within 1.5% for every scenario."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llamatron.plan.memory import Layout, Workload, estimate_memory
+from tests.conftest import subprocess_env
 from tests.unit.plan.tracker_check import SCENARIOS, WORLD, model_config
 
 SCRIPT = Path(__file__).with_name("tracker_check.py")
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def tracked() -> dict[str, int]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -168,3 +168,24 @@ def test_given_token_weights():
     losses = torch.nn.functional.cross_entropy((h @ w.t())[mask], labels[mask], reduction="none")
     torch.testing.assert_close(num, (losses * weights[mask]).sum(), rtol=REL_TOL, atol=0)
     assert den == pytest.approx(float(weights[mask].sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiler_friendly_chunk_function_equals_the_in_place_one(dtype):
+    """The function compile runs (no in-place (C, vocab) buffer, the one-hot as a comparison) against the
+    eager in-place one on the same chunk: the loss to 1e-6 relative, the logit gradients to one rounding
+    of their dtype (the one-hot is subtracted before, not after, the weight is applied)."""
+    from llamatron.train.fused_loss import _chunk_loss_and_grad, _chunk_loss_and_grad_fusable
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(9, 301, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 301, (9,), generator=g)
+    weights = torch.rand(9, generator=g)
+    loss, grad = _chunk_loss_and_grad(logits, targets, weights, grad=True)
+    loss_f, grad_f = _chunk_loss_and_grad_fusable(logits, targets, weights, grad=True)
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=0)
+    assert grad_f.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad_f.float(), grad.float(), rtol=eps, atol=eps * float(weights.max()) * 1e-2)
+    loss_only, none = _chunk_loss_and_grad_fusable(logits, targets, weights, grad=False)
+    assert none is None and torch.equal(loss_only, loss_f)
