@@ -183,7 +183,7 @@ class Trainer:
         tokens = sum(mb["tokens"].numel() for mb in micro_batches)
         self.scaler.unscale_(self.model.parameters())
         grad_norm = self._clip_grad_norm()
-        loss_total = self._batch_sum_on_device(loss_sum)
+        (loss_total,) = self._batch_sum([loss_sum])
         set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
         if skips_on_device(self.optimizer):
             # No host sync until the step is queued: the CPU dispatches clipping and the optimizer while the
@@ -274,21 +274,16 @@ class Trainer:
         p = self.config.parallel
         return p.tp if p.sequence_parallel else 1
 
-    def _batch_sum(self, values: list[float]) -> list[float]:
+    def _batch_sum(self, values: list[torch.Tensor | float]) -> torch.Tensor:
         """Sum per-rank values over the batch: the data-parallel ranks (x cp: each holds a slice of every
-        row), and under a pipeline its stages (only the last stage has losses; the others contribute zeros)."""
-        if self.pipeline is not None:
-            values = all_reduce_sum(values, device=self.env.device, group=self.pp_group)
-        return all_reduce_sum(values, device=self.env.device, group=self.loss_group)
-
-    def _batch_sum_on_device(self, value: torch.Tensor | float) -> torch.Tensor:
-        """_batch_sum of one value as a 0-dim fp64 device tensor, without waiting for it."""
-        total = torch.as_tensor(value, dtype=torch.float64, device=self.env.device).reshape(1)
+        row), and under a pipeline its stages (only the last stage has losses; the others contribute zeros).
+        Returns them as one fp64 device tensor, without waiting for it (`.tolist()` does)."""
+        total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.env.device) for v in values])
         groups = ([self.pp_group] if self.pipeline is not None else []) + [self.loss_group]
         for group in groups:
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(total, group=group)
-        return total[0]
+        return total
 
     # ---- context parallelism --------------------------------------------------------------------
     def _cp_slice(self, mb: dict[str, torch.Tensor], *, kind: str) -> dict[str, torch.Tensor]:
@@ -355,7 +350,7 @@ class Trainer:
             numerator += float(num)
             count += float(cnt)
         self.model.train()
-        numerator, count = self._batch_sum([numerator, count])
+        numerator, count = self._batch_sum([numerator, count]).tolist()
         if count == 0:
             return {}
         valid_loss = numerator / count
