@@ -29,11 +29,12 @@ class PipelineLoss:
     normalisation before the schedule runs."""
 
     def start(
-        self, *, kind: str, global_count: float, grad_ranks: int, scaler: LossScaler, fields: list[str]
+        self, *, kind: str, global_count: torch.Tensor, grad_ranks: int, scaler: LossScaler, fields: list[str]
     ) -> None:
+        """global_count: the step's loss denominator, a 0-dim device tensor floored at 1."""
         self.kind, self.global_count, self.grad_ranks, self.scaler = kind, global_count, grad_ranks, scaler
         self.fields = fields  # what the target holds (see pack_target)
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []  # 0-dim, on the device: read once the step is queued
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mb = unpack_target(target, self.fields)
@@ -41,13 +42,16 @@ class PipelineLoss:
             numerator, _ = slice_loss_parts(logits, mb)
         else:
             numerator, _ = loss_parts(logits, mb["labels"], kind=self.kind, document_ids=mb.get("document_ids"))
-        loss = numerator / max(self.global_count, 1.0)
-        self.losses.append(loss.detach().float().item())
+        loss = numerator / self.global_count
+        self.losses.append(loss.detach().double())
         return self.scaler.scale(loss * self.grad_ranks)
 
-    def total(self) -> float:
-        """The sum of this step's micro-batch losses (0 on a rank without the last stage)."""
-        return sum(self.losses, 0.0)
+    def total(self, *, device: torch.device) -> torch.Tensor:
+        """The sum of this step's micro-batch losses, 0-dim fp64 on `device` (0 on a rank without the last stage)."""
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for loss in self.losses:
+            total += loss
+        return total
 
 
 def target_fields(batch: dict[str, torch.Tensor]) -> list[str]:

@@ -33,6 +33,9 @@ class StepProfiler:
             self._profile = profile(activities=self.activities, record_shapes=True)
             self._profile.start()
 
+    def ends_at(self, iteration: int) -> bool:
+        return self.window is not None and iteration == self.window[1]
+
     def stop(self, iteration: int) -> Path | None:
         """Called with the iteration just finished; at the window's end, writes the files and returns the table's path."""
         if self._profile is None or iteration != self.window[1]:

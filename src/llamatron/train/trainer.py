@@ -3,6 +3,11 @@
 Every rank runs `train(config)`. The model is built plain, initial weights loaded, parallelism
 applied by llamatron.parallel, then the loop runs until train_iters, saving every save_interval and
 on SIGTERM.
+
+The host runs a step ahead of the device: it queues a step, then reads the previous step's figures (loss,
+grad norm, skipped or not, stop requested) while the new one runs, so the GPU never waits at a step
+boundary for logging and the next batch. Where the host acts on the state after a step (a checkpoint,
+evaluation, a profile's end, the last step) it reads that step first and queues nothing else.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.cp_batch import cp_slice, slice_loss_parts
 from llamatron.train.data import TrainData, build_train_data
-from llamatron.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from llamatron.train.distributed import DistEnv, init_distributed
 from llamatron.train.fused_loss import fused_loss_parts, use_fused_loss
 from llamatron.train.loss import count_units, loss_parts
 from llamatron.train.metrics import (
@@ -75,6 +80,36 @@ class StepResult:
     grad_norm: float
     tokens: int
     skipped: bool
+    stop_requested: bool
+
+
+@dataclass(kw_only=True)
+class QueuedStep:
+    """A step whose update is queued on the device: what the host knew when it queued it, and its figures
+    (loss, grad norm, skipped, stop requested) as one fp64 device tensor, read by `resolve` (which waits)."""
+
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+    lr: float
+    loss_scale: float | None
+    tokens: int
+    values: torch.Tensor
+
+    def resolve(self) -> StepResult:
+        loss, grad_norm, skipped, stop = self.values.tolist()
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=self.tokens, skipped=bool(skipped),
+                          stop_requested=bool(stop))
+
+
+@dataclass(kw_only=True)
+class _LoopLog:
+    """Where fit's step records go and the rates they report."""
+
+    writer: MetricsWriter | None
+    throughput: Throughput
+    started: float
+    start_iteration: int
 
 
 class Trainer:
@@ -146,7 +181,6 @@ class Trainer:
         )
         self.state = ckpt.TrainState()
         self._stop_requested = False
-        self._prefetched: tuple[int, list[dict]] | None = None  # (consumed_samples, micro-batches) of the next step
 
     # ---- resume -------------------------------------------------------------------------------
     def resume_or_init(self) -> None:
@@ -168,14 +202,18 @@ class Trainer:
                 self.run.log(f"continuing {source} at iteration {self.state.iteration}")
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(self) -> StepResult:
-        micro_batches = self._micro_batches(self.state.consumed_samples)
+    def train_step(self) -> QueuedStep:
+        """Queue one optimizer step on the device and advance the counters; the host does not wait for it
+        (except where fp16's loss scale or the optimizer offload decide on the host): `fit` reads its
+        figures after queuing the next step, so the GPU never idles at a step boundary."""
+        micro_batches = [collate([self.data.train[i] for i in indices])
+                         for indices in self.plan.rank_indices(self.state.consumed_samples)]
         kind = self._loss_kind()
-        # The loss is normalised by the global batch's count (tokens or sequences), gathered before
+        # The loss is normalised by the global batch's count (tokens or sequences), summed before
         # backward, so gradients are exact whatever the ranks' shares and the accumulation.
         local_count = sum(count_units(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
                           for mb in micro_batches)
-        (global_count,) = all_reduce_sum([float(local_count)], device=self.env.device, group=self.dp_group)
+        global_count = self._global_count(local_count)
         if self.pipeline is None:
             loss_sum = self._forward_backward(micro_batches, kind=kind, global_count=global_count)
         else:
@@ -184,54 +222,61 @@ class Trainer:
         self.scaler.unscale_(self.model.parameters())
         grad_norm = self._clip_grad_norm()
         (loss_total,) = self._batch_sum([loss_sum])
-        set_lr(self.optimizer, self.schedule.lr_at(self.state.iteration))
+        nonfinite = ~(torch.isfinite(loss_total) & torch.isfinite(grad_norm))
+        lr = self.schedule.lr_at(self.state.iteration)
+        set_lr(self.optimizer, lr)
         if skips_on_device(self.optimizer):
-            # No host sync until the step is queued: the CPU dispatches clipping and the optimizer while the
-            # GPU still runs backward, and the kernel itself skips a non-finite step.
-            nonfinite = ~(torch.isfinite(loss_total) & torch.isfinite(grad_norm))
+            # The kernel itself skips a non-finite step: the CPU queues clipping and the optimizer while the
+            # GPU still runs backward.
             step_unless(self.optimizer, found_inf=nonfinite.float())
-            self._prefetch_next_batches()  # host work done while the GPU finishes this step
-            loss_value, norm_value, skipped_value = torch.stack(
-                [loss_total.double(), grad_norm.double(), nonfinite.double()]).tolist()
-            skipped = bool(skipped_value)
-        else:
-            loss_value, norm_value = loss_total.item(), grad_norm.item()
-            skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-            if not skipped:
-                self.optimizer.step()
+        elif not bool(nonfinite):  # the offloaded optimizer steps on the host, so the host decides (and waits)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.fp8 is not None and not skipped:
+        if self.fp8 is not None:  # after a skipped step the weights, and so their scales, are unchanged
             self.fp8.after_optimizer_step(self.model)
-        self.scaler.update(found_inf=skipped)
-        return StepResult(loss=loss_value, grad_norm=norm_value, tokens=tokens, skipped=skipped)
+        if self.scaler.enabled:  # fp16's next step needs its loss scale on the host: wait for this one
+            self.scaler.update(found_inf=bool(nonfinite))
+        values = torch.stack([loss_total.double(), grad_norm.double(), nonfinite.double(), self._stop_flag()])
+        self.state.iteration += 1
+        self.state.consumed_samples += self.plan.global_batch_size
+        self.state.consumed_tokens += tokens * self.plan.dp_size
+        return QueuedStep(iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
+                          consumed_tokens=self.state.consumed_tokens, lr=lr, tokens=tokens, values=values,
+                          loss_scale=self.scaler.scale_value if self.scaler.enabled else None)
 
-    def _micro_batches(self, consumed_samples: int) -> list[dict]:
-        """This rank's micro-batches of the step that starts at `consumed_samples` (collated on the host)."""
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None and prefetched[0] == consumed_samples:
-            return prefetched[1]
-        return [collate([self.data.train[i] for i in indices]) for indices in self.plan.rank_indices(consumed_samples)]
+    def _global_count(self, local_count: int) -> torch.Tensor:
+        """The global batch's loss denominator summed over data-parallel ranks, floored at 1: a 0-dim fp32
+        device tensor (the dtype the loss divides in), made without a host-to-device copy, which would wait."""
+        count = torch.full((), float(local_count), dtype=torch.float64, device=self.env.device)
+        if dist.get_world_size(self.dp_group) > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return count.clamp(min=1.0).float()
 
-    def _prefetch_next_batches(self) -> None:
-        if self.state.iteration + 1 < self.schedule_info.train_iters:
-            consumed = self.state.consumed_samples + self.plan.global_batch_size
-            self._prefetched = (consumed, self._micro_batches(consumed))
+    def _stop_flag(self) -> torch.Tensor:
+        """1 if any rank got SIGTERM before queuing this step (each may see it at a different time), else 0:
+        summed over all ranks on the device, so every rank reads the same value with the step's figures."""
+        flag = torch.full((), 1.0 if self._stop_requested else 0.0, dtype=torch.float64, device=self.env.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(flag)
+        return flag.clamp(max=1.0)
 
-    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> torch.Tensor:
+    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: torch.Tensor) -> torch.Tensor:
         """Gradient accumulation over the rank's micro-batches; returns the sum of their losses (0-dim fp64 on
         the device: read once the step is queued)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for mb in micro_batches:
             mb = self._cp_slice({k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}, kind=kind)
             numerator, _ = self._forward_loss(mb, kind=kind)
-            loss = numerator / max(global_count, 1.0)
+            loss = numerator / global_count
             # FSDP averages gradients over data-parallel (x cp) ranks; undo that to keep the global-batch sum.
             self.scaler.scale(loss * self.grad_ranks).backward()
             loss_sum += loss.detach()
         return loss_sum
 
     # ---- pipeline parallelism ------------------------------------------------------------------
-    def _pipeline_forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: float) -> float:
+    def _pipeline_forward_backward(
+        self, micro_batches: list[dict], *, kind: str, global_count: torch.Tensor
+    ) -> torch.Tensor:
         """The rank's micro-batches are the pipeline's: the schedule runs them through the stages and the
         last stage computes each one's loss exactly as _forward_backward does. Returns the sum of the
         losses on the last stage, 0 on the others."""
@@ -257,7 +302,7 @@ class Trainer:
         target = pack_target(batch, fields) if pipe.has_last else None
         self._pipeline_schedule.step(*inputs, target=target, **kwargs)
         sync_tied_grads(pipe, self._tied_group)
-        return self._pipeline_loss.total()
+        return self._pipeline_loss.total(device=self.env.device)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Clip to the whole model's gradient norm: under a pipeline summed over the stages, a tied
@@ -398,27 +443,25 @@ class Trainer:
         self.model.train()
         profiler = StepProfiler(config.logging.profile_iterations, out_dir=self.run.root / "profile",
                                 rank=self.env.rank, device=self.env.device)
-        started, start_iteration = time.perf_counter(), self.state.iteration
+        log = _LoopLog(writer=writer, throughput=throughput, started=time.perf_counter(),
+                       start_iteration=self.state.iteration)
+        pending: QueuedStep | None = None  # the step before the one just queued, its figures not yet read
         while self.state.iteration < info.train_iters:
             profiler.start(self.state.iteration + 1)
-            result = self.train_step()
-            self._advance(result)
-            table = profiler.stop(self.state.iteration)
-            if table is not None:
-                self.run.log(f"profile of iterations {config.logging.profile_iterations}: {table}")
-            throughput.add_tokens(result.tokens * self.plan.dp_size)
-            it = self.state.iteration
-            if it % config.logging.log_interval == 0 or it == info.train_iters:
-                record = self._log_record(result, throughput, started=started, start_iteration=start_iteration)
-                if config.training.eval_interval and it % config.training.eval_interval == 0:
-                    record.update(self.evaluate())
-                self.run.log_step(record, total=info.train_iters)
-                if writer is not None:
-                    writer.write(record)
-            stop = self._agree_to_stop()
+            step = self.train_step()
+            # The previous step's figures are read while this one runs: the host waits for the device at a
+            # step boundary only where it acts on the state after the step (below).
+            stop = pending is not None and self._finish(pending, log=log, profiler=profiler)
+            pending = step
+            it = step.iteration
             exit_now = bool(config.training.exit_interval) and it % config.training.exit_interval == 0
-            at_end = it == info.train_iters and config.checkpoint.save_at_end
-            if it % config.checkpoint.save_interval == 0 or at_end or stop or exit_now:
+            save = it % config.checkpoint.save_interval == 0 or (it == info.train_iters and config.checkpoint.save_at_end)
+            if not (stop or exit_now or save or it == info.train_iters or self._evaluates_at(it) or profiler.ends_at(it)):
+                continue
+            # Evaluation, a checkpoint, a profile or the end see the state after this step: nothing else is queued.
+            stop = self._finish(step, log=log, profiler=profiler) or stop
+            pending = None
+            if save or stop or exit_now:
                 self.save()
             if stop or exit_now:
                 reason = "SIGTERM" if stop else f"training.exit_interval={config.training.exit_interval}"
@@ -428,31 +471,46 @@ class Trainer:
         if writer is not None:
             writer.close()
 
-    def _advance(self, result: StepResult) -> None:
-        self.state.iteration += 1
-        self.state.consumed_samples += self.plan.global_batch_size
-        self.state.consumed_tokens += result.tokens * self.plan.dp_size
+    def _finish(self, step: QueuedStep, *, log: _LoopLog, profiler: StepProfiler) -> bool:
+        """Read a queued step's figures (waiting for it), count a skip, log; returns whether any rank asked to stop."""
+        result = step.resolve()
         if result.skipped:
             self.state.skipped_steps += 1
-            self.run.log(f"iteration {self.state.iteration}: non-finite loss or gradient, step skipped")
+            self.run.log(f"iteration {step.iteration}: non-finite loss or gradient, step skipped")
             if not self.scaler.enabled and self.state.skipped_steps > self.config.training.max_skipped_steps:
                 raise LlamatronError(
                     f"{self.state.skipped_steps} steps skipped for non-finite values (limit "
                     f"training.max_skipped_steps={self.config.training.max_skipped_steps}); lower optim.lr or check the data"
                 )
+        table = profiler.stop(step.iteration)
+        if table is not None:
+            self.run.log(f"profile of iterations {self.config.logging.profile_iterations}: {table}")
+        log.throughput.add_tokens(result.tokens * self.plan.dp_size)
+        if step.iteration % self.config.logging.log_interval == 0 or step.iteration == self.schedule_info.train_iters:
+            record = self._log_record(step, result, log)
+            if self._evaluates_at(step.iteration):  # fit read this step before queuing another (see there)
+                record.update(self.evaluate())
+            self.run.log_step(record, total=self.schedule_info.train_iters)
+            if log.writer is not None:
+                log.writer.write(record)
+        return result.stop_requested
 
-    def _log_record(self, result: StepResult, throughput: Throughput, *, started: float, start_iteration: int) -> dict:
-        it = self.state.iteration
-        rates = throughput.report()
-        done = it - start_iteration
-        elapsed = time.perf_counter() - started
-        eta = elapsed / max(done, 1) * (self.schedule_info.train_iters - it)
+    def _evaluates_at(self, iteration: int) -> bool:
+        """Validation runs at logged iterations that are multiples of training.eval_interval."""
+        interval = self.config.training.eval_interval
+        logged = iteration % self.config.logging.log_interval == 0 or iteration == self.schedule_info.train_iters
+        return bool(interval) and iteration % interval == 0 and logged
+
+    def _log_record(self, step: QueuedStep, result: StepResult, log: _LoopLog) -> dict:
+        it = step.iteration
+        rates = log.throughput.report()
+        elapsed = time.perf_counter() - log.started
+        eta = elapsed / max(it - log.start_iteration, 1) * (self.schedule_info.train_iters - it)
         return {
-            "iteration": it, "loss": result.loss, "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": result.grad_norm, "consumed_samples": self.state.consumed_samples,
-            "consumed_tokens": self.state.consumed_tokens, **rates,
+            "iteration": it, "loss": result.loss, "lr": step.lr, "grad_norm": result.grad_norm,
+            "consumed_samples": step.consumed_samples, "consumed_tokens": step.consumed_tokens, **rates,
             "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_steps": self.state.skipped_steps,
-            "loss_scale": self.scaler.scale_value if self.scaler.enabled else None, "eta_s": eta,
+            "loss_scale": step.loss_scale, "eta_s": eta,
         }
 
     def save(self) -> None:
@@ -461,12 +519,6 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
-
-    def _agree_to_stop(self) -> bool:
-        """All ranks stop at the same step if any got SIGTERM (each may see it at a different time)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def layout_problems(config: JobConfig, *, world_size: int) -> list[str]:

@@ -1,0 +1,80 @@
+"""The training loop reads a step's figures after queuing the next one, except where the host acts on the
+state after the step (a checkpoint, evaluation, a profile's end, the last step): there it reads the step
+first and queues nothing else before acting. And each logged record holds its own step's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llamatron.cli.main import main
+from llamatron.train import trainer as trainer_module
+from llamatron.train.optim import LRSchedule
+from tests.conftest import write_random_corpus
+
+ITERS, SAVE, EVAL, GLOBAL_BATCH = 9, 4, 6, 4
+
+
+@pytest.fixture
+def events(monkeypatch) -> list[tuple[str, int]]:
+    """("queued", k), ("read", k), ("saved", k), ("evaluated", k) in the order the loop did them."""
+    seen: list[tuple[str, int]] = []
+    train_step, resolve = trainer_module.Trainer.train_step, trainer_module.QueuedStep.resolve
+    save, evaluate = trainer_module.Trainer.save, trainer_module.Trainer.evaluate
+
+    def queued(self):
+        step = train_step(self)
+        seen.append(("queued", step.iteration))
+        return step
+
+    def read(self):
+        seen.append(("read", self.iteration))
+        return resolve(self)
+
+    def saved(self):
+        seen.append(("saved", self.state.iteration))
+        return save(self)
+
+    def evaluated(self):
+        seen.append(("evaluated", self.state.iteration))
+        return evaluate(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", queued)
+    monkeypatch.setattr(trainer_module.QueuedStep, "resolve", read)
+    monkeypatch.setattr(trainer_module.Trainer, "save", saved)
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluated)
+    return seen
+
+
+def test_steps_are_read_one_behind_except_where_the_host_acts(tmp_path, events):
+    write_random_corpus(tmp_path / "corpus", seed=3, documents=120)
+    out = tmp_path / "run"
+    code = main([
+        "train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={tmp_path / 'corpus'}",
+        "--train-iters", str(ITERS), "--save-interval", str(SAVE), f"--training.eval_interval={EVAL}",
+        f"--training.global_batch_size={GLOBAL_BATCH}", "--training.micro_batch_size=2",
+        "--optim.lr=1e-3", "--optim.min_lr=1e-4", "--training.warmup_iters=2", "--logging.profile_iterations=2,3",
+    ])
+    assert code == 0
+    position = {event: index for index, event in enumerate(events)}
+    host_acts = {3, SAVE, EVAL, 2 * SAVE, ITERS}  # profile end, checkpoints, evaluation, the end
+    for k in range(1, ITERS + 1):
+        if k in host_acts:
+            assert k == ITERS or position[("read", k)] < position[("queued", k + 1)], (k, events)
+        else:
+            assert position[("queued", k + 1)] < position[("read", k)], (k, events)
+    for k in (SAVE, 2 * SAVE, ITERS):  # a checkpoint holds exactly the steps read before it
+        assert position[("read", k)] < position[("saved", k)]
+        assert k == ITERS or position[("saved", k)] < position[("queued", k + 1)]
+    assert position[("read", EVAL)] < position[("evaluated", EVAL)] < position[("queued", EVAL + 1)]
+    assert (out / "profile" / "kernels_rank0.txt").is_file()
+
+    # Each record is its own step's: iteration order, its learning rate and sample count.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
+    schedule = LRSchedule(max_lr=1e-3, min_lr=1e-4, warmup_iters=2, decay_iters=ITERS)
+    for r in records:
+        assert r["lr"] == pytest.approx(schedule.lr_at(r["iteration"] - 1), rel=1e-12)
+        assert r["consumed_samples"] == GLOBAL_BATCH * r["iteration"]
+    assert "valid_loss" in records[EVAL - 1] and "valid_loss" not in records[EVAL - 2]
