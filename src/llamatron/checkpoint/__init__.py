@@ -1,12 +1,3 @@
-from llamatron.checkpoint.hf import (
-    HFCheckpointReader,
-    HFCheckpointWriter,
-    hf_name,
-    internal_name,
-    load_hf_model,
-    save_hf_model,
-)
-
-__all__ = [
-    "HFCheckpointReader", "HFCheckpointWriter", "hf_name", "internal_name", "load_hf_model", "save_hf_model",
-]
+"""Checkpoint formats and conversions: HF safetensors (hf), Megatron-Core (mcore, keymaps, convert),
+training checkpoints (dcp), export and verification. Import the module you need: this package imports
+nothing itself, so light users (atomic writes from the data tools) do not load torch."""

@@ -149,7 +149,8 @@ def _encoded_batches(config: PreprocessConfig, settings: _EncodeSettings) -> Ite
     # Workers import this module and rebuild the tokenizer from its spec. forkserver, not fork: forking a
     # process whose threads hold locks (torch's pools, tiktoken's batch threads, a compile worker) can leave
     # a child deadlocked (a CI run hung 20 minutes in this pool); the fork server is a fresh, single-threaded
-    # process. It costs ~1.5 s of start-up per run (workers import torch), nothing against a real corpus.
+    # process. Its workers import only this module's light dependencies (numpy, tiktoken; never torch), so
+    # start-up stays well under a second.
     context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     with context.Pool(config.workers) as pool:
         yield from pool.imap(work, _batches(config), chunksize=1)

@@ -126,3 +126,23 @@ def test_missing_input_and_bad_merge(tmp_path):
         preprocess(PreprocessConfig(inputs=[tmp_path / "nope.jsonl"], output_prefix=str(tmp_path / "o")))
     with pytest.raises(LlamatronError, match="does not exist"):
         merge([str(tmp_path / "missing")], str(tmp_path / "m"))
+
+
+def test_the_preprocess_tools_and_their_workers_never_import_torch():
+    # Each worker process imports llamatron.data.preprocess and builds the tokenizer: importing torch there
+    # cost ~1.5 s of start-up per run (and the CLI's main process paid it too).
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    probe = (
+        "import sys\n"
+        "import llamatron.cli.preprocess, llamatron.cli.preprocess_sft\n"
+        "from llamatron.data.preprocess import _tokenizer\n"
+        "_tokenizer('llama3')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
