@@ -40,6 +40,22 @@ def test_8b_on_8_gpus_table_json_and_command(capsys, tmp_path):
     assert (config.training.seq_len, config.training.global_batch_size) == (8192, 64)
 
 
+def test_bf16_gradient_reduction_reaches_the_command_and_the_time(capsys):
+    args = ("--model", "8B", "--gpus", "64", "--seq-len", "8192", "--gpu-mem", "80", "--json", "-")
+    plans = []
+    for extra in ((), ("--grad-reduce-in-bf16",)):
+        rc, out, _ = _run(capsys, *args, *extra)
+        assert rc == 0
+        plans.append(json.loads(out))
+    fp32, bf16 = (plan["recommended"] for plan in plans)
+    assert bf16["layout"]["grad_reduce_in_bf16"] and not fp32["layout"]["grad_reduce_in_bf16"]
+    options = [o for o in bf16["train_command"] if o.split("=")[0].count(".")]  # the config's, not torchrun's
+    assert apply_overrides(JobConfig(), options).parallel.grad_reduce_in_bf16
+    assert "--parallel.grad_reduce_in_bf16=true" not in fp32["train_command"]
+    # Across 8 nodes the gradient reduction is exposed; in bf16 it moves 2 bytes a parameter less.
+    assert bf16["relative_overhead"] < fp32["relative_overhead"]
+
+
 def test_json_to_stdout_and_defaults(capsys):
     rc, out, _ = _run(capsys, "--model", "tiny", "--gpus", "2", "--seq-len", "128", "--json", "-")
     assert rc == 0
@@ -75,6 +91,8 @@ def test_nothing_fits_is_said_not_an_error(capsys):
      "--tp must be >= 1, got 0; --gpu-mem must be positive"),
     (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--precision", "int4"], "--precision 'int4'"),
     (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--ac", "some"], "--ac 'some'"),
+    (["--model", "8B", "--gpus", "8", "--seq-len", "8192", "--precision", "fp32", "--grad-reduce-in-bf16"],
+     "--grad-reduce-in-bf16 needs --precision bf16 or fp8"),
     (["--gpus", "8", "--from-measurement", "/nonexistent/m.json"], "no such file"),
 ])
 def test_user_mistakes_are_one_line(capsys, args, message):

@@ -68,7 +68,7 @@ def _trainer_refusals(model_name: str, *, global_batch: int | None):
         p.tp, p.pp, p.cp, p.virtual_pipeline = layout.tp, layout.pp, layout.cp, layout.virtual_pipeline
         p.sequence_parallel, p.distributed_optimizer = layout.sp, layout.distributed_optimizer
         p.activation_checkpoint, p.ac_layers = layout.activation_checkpoint, layout.ac_layers
-        p.optimizer_offload = layout.optimizer_offload
+        p.optimizer_offload, p.grad_reduce_in_bf16 = layout.optimizer_offload, layout.grad_reduce_in_bf16
         t.precision, t.seq_len, t.micro_batch_size = work.precision, work.seq_len, work.micro_batch
         stages = layout.pp * layout.virtual_pipeline if layout.pp > 1 else 1
         t.global_batch_size = global_batch or work.micro_batch * layout.dp * stages
@@ -114,6 +114,8 @@ def plan_command(
     sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel",
                                            help="Sequence parallelism with tp > 1."),
     virtual_pipeline: int = typer.Option(1, "--virtual-pipeline", help="Virtual stages per rank with pp > 1."),
+    grad_reduce_in_bf16: bool = typer.Option(
+        False, "--grad-reduce-in-bf16", help="parallel.grad_reduce_in_bf16: gradients summed in bf16 (bf16/fp8)."),
     tp: int | None = typer.Option(None, "--tp", help="Only layouts with this tensor-parallel degree."),
     pp: int | None = typer.Option(None, "--pp", help="Only layouts with this pipeline degree."),
     cp: int | None = typer.Option(None, "--cp", help="Only layouts with this context-parallel degree."),
@@ -139,7 +141,7 @@ def plan_command(
         model=model, gpus=gpus, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
         gpu_mem=gpu_mem, nodes=nodes, host_mem=host_mem, precision=precision, fused_loss=fused_loss,
         compile_blocks=compile_blocks, sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline, fixed=fixed, ac=ac,
-        optimizer_offload=optimizer_offload)
+        optimizer_offload=optimizer_offload, grad_reduce_in_bf16=grad_reduce_in_bf16)
     _run_plan(request, show_all=show_all, top=top, json_path=json_path)
 
 
@@ -160,17 +162,19 @@ class _Request:
     offload_modes: list[str]
     virtual_pipeline: int
     sequence_parallel: bool
+    grad_reduce_in_bf16: bool
 
     def summary(self) -> dict[str, Any]:
         work = self.work
         return {"model": self.model_name, "gpus": self.gpus, "nodes": self.nodes, "gpu_mem_gib": self.gpu_gib,
                 "host_mem_gib": self.host_gib, "seq_len": work.seq_len, "micro_batch": work.micro_batch,
                 "global_batch": self.global_batch, "precision": work.precision, "fused_loss": work.fused_loss,
-                "compile": work.compile}
+                "compile": work.compile, "grad_reduce_in_bf16": self.grad_reduce_in_bf16}
 
 
 def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, nodes, host_mem, precision,
-                   fused_loss, compile_blocks, sequence_parallel, virtual_pipeline, fixed, ac, optimizer_offload) -> _Request:
+                   fused_loss, compile_blocks, sequence_parallel, virtual_pipeline, fixed, ac, optimizer_offload,
+                   grad_reduce_in_bf16) -> _Request:
     from llamatron.errors import LlamatronError
     from llamatron.plan.layouts import check_request
     from llamatron.plan.memory import AC_MODES, COMPUTE_BYTES, OPTIMIZER_OFFLOAD_MODES, Workload
@@ -186,6 +190,8 @@ def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, 
                 if value is not None and value < 1]
     problems += [f"{flag} must be positive, got {value}" for flag, value in
                  (("--gpu-mem", gpu_mem), ("--host-mem", host_mem)) if value is not None and value <= 0]
+    if grad_reduce_in_bf16 and precision not in ("bf16", "fp8"):
+        problems.append(f"--grad-reduce-in-bf16 needs --precision bf16 or fp8, not {precision}")
     if problems:
         raise LlamatronError("; ".join(problems))
     work = Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision, fused_loss=fused_loss,
@@ -198,7 +204,7 @@ def _build_request(*, model, gpus, seq_len, micro_batch, global_batch, gpu_mem, 
         global_batch=global_batch, fixed={name: value for name, value in fixed.items() if value is not None},
         ac_modes=_choice(ac, AC_MODES, "--ac"),
         offload_modes=_choice(optimizer_offload, OPTIMIZER_OFFLOAD_MODES, "--optimizer-offload"),
-        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
+        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel, grad_reduce_in_bf16=grad_reduce_in_bf16,
     )
 
 
@@ -213,6 +219,7 @@ def _run_plan(request: _Request, *, show_all: bool, top: int, json_path: str | N
         global_batch=r.global_batch, host_mem_gib=r.host_gib, virtual_pipeline=r.virtual_pipeline,
         sequence_parallel=r.sequence_parallel, fixed=r.fixed, ac_modes=r.ac_modes, offload_modes=r.offload_modes,
         unsupported=_trainer_refusals(r.model_name, global_batch=r.global_batch),
+        grad_reduce_in_bf16=r.grad_reduce_in_bf16,
     )
     if not candidates:
         raise LlamatronError(_no_layout_reason(r))

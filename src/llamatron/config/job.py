@@ -139,6 +139,11 @@ class ParallelSection:
     backward (FSDP2's default). False gathers (and casts) once per step, holding a compute-dtype copy of
     all blocks for the whole step: faster where memory allows, the more so with one rank, where the
     gather is only a cast."""
+    grad_reduce_in_bf16: bool = False
+    """Sum gradients over the data-parallel (x cp) ranks in bf16 rather than fp32 (Megatron's
+    --grad-reduce-in-bf16): half the reduce-scatter (or all-reduce) traffic, for a sum rounded to bf16 at each
+    rank it passes. The fp32 gradients the optimizer reads are cast from the result. With one data-parallel
+    rank nothing is summed and the gradients are identical. Needs training.precision bf16 or fp8."""
     flash_attention: bool = True
     """The seed's FL, for attention_backend=auto: true tries flash attention first (PyTorch's own order);
     false leaves flash out and tries cuDNN first (Megatron's fused attention)."""
@@ -217,6 +222,9 @@ class JobConfig:
         p = self.parallel
         if not p.flash_attention and p.attention_backend == "flash":
             found.append("parallel.flash_attention=false contradicts parallel.attention_backend=flash; drop one")
+        if p.grad_reduce_in_bf16 and t.precision not in ("bf16", "fp8"):
+            found.append(f"parallel.grad_reduce_in_bf16=true needs training.precision bf16 or fp8 (their gradients are "
+                         f"bf16), not {t.precision}; drop the option or change the precision")
         if p.cp > 1 and p.attention_backend != "auto":
             found.append(f"parallel.attention_backend={p.attention_backend} does not apply with parallel.cp={p.cp} "
                          "(ring attention picks its block kernels); use auto")

@@ -105,7 +105,7 @@ def layout_problems(config: LlamaConfig, layout: Layout, work: Workload, *, gpus
 
 def parallel_layouts(config: LlamaConfig, work: Workload, *, gpus: int, gpus_per_node: int,
                      global_batch: int | None = None, virtual_pipeline: int = 1, sequence_parallel: bool = True,
-                     fixed: dict[str, int] | None = None) -> list[Layout]:
+                     fixed: dict[str, int] | None = None, grad_reduce_in_bf16: bool = False) -> list[Layout]:
     """Every tp x pp x cp x dp of `gpus` the trainer accepts (with `fixed` degrees pinned), each with and
     (when there is more than one data-parallel rank) without the distributed optimizer."""
     fixed = fixed or {}
@@ -118,7 +118,8 @@ def parallel_layouts(config: LlamaConfig, work: Workload, *, gpus: int, gpus_per
                 if any(degrees[name] != value for name, value in fixed.items()):
                     continue
                 vp = virtual_pipeline if pp > 1 else 1
-                layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pipeline=vp, sequence_parallel=sequence_parallel)
+                layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pipeline=vp, sequence_parallel=sequence_parallel,
+                                grad_reduce_in_bf16=grad_reduce_in_bf16)
                 if layout_problems(config, layout, work, gpus_per_node=gpus_per_node, global_batch=global_batch):
                     continue
                 found.append(layout)
@@ -181,13 +182,14 @@ def plan_layouts(
     global_batch: int | None = None, host_mem_gib: float | None = None, virtual_pipeline: int = 1,
     sequence_parallel: bool = True, fixed: dict[str, int] | None = None,
     ac_modes: Iterable[str] = AC_MODES, offload_modes: Iterable[str] = OPTIMIZER_OFFLOAD_MODES,
-    unsupported: Callable[[Layout, Workload], list[str]] | None = None,
+    unsupported: Callable[[Layout, Workload], list[str]] | None = None, grad_reduce_in_bf16: bool = False,
 ) -> list[Candidate]:
     """Every layout under every memory option, best first (Candidate.sort_key)."""
     ac_modes, offload_modes = list(ac_modes), list(offload_modes)
     found = []
     layouts = parallel_layouts(config, work, gpus=gpus, gpus_per_node=gpus_per_node, global_batch=global_batch,
-                               virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel, fixed=fixed)
+                               virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel, fixed=fixed,
+                               grad_reduce_in_bf16=grad_reduce_in_bf16)
     for layout in layouts:
         layout_work = layout_workload(work, layout, global_batch=global_batch)
         found += [
@@ -272,6 +274,8 @@ def train_options(layout: Layout, work: Workload, *, model: str, global_batch: i
         f"--parallel.ac_layers={layout.ac_layers}",
         f"--parallel.optimizer_offload={layout.optimizer_offload}",
     ]
+    if layout.grad_reduce_in_bf16:
+        options.append("--parallel.grad_reduce_in_bf16=true")
     return options
 
 

@@ -84,6 +84,12 @@ class Layout:
     reshard_after_forward: bool = True
     """parallel.reshard_after_forward; False keeps every block's gathered compute-dtype copy from its
     forward to its backward."""
+    grad_reduce_in_bf16: bool = False
+    """parallel.grad_reduce_in_bf16: reduce-scatter (all-reduce) buffers of 2 bytes a parameter, not 4."""
+
+    @property
+    def reduce_bytes(self) -> int:
+        return 2 if self.grad_reduce_in_bf16 else 4
 
     @property
     def gpus(self) -> int:
@@ -393,6 +399,9 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
     io = 2 * d.c * d.h * d.norm_tokens if layout.pp > 1 else 0.0  # a stage's input and output, kept
     others = (inflight - 1) * (prefix[n] + io)  # other micro-batches (chunks) in flight
     work_bytes = backward_work_bytes(d, cp=layout.cp)
+    r = layout.reduce_bytes
+    # After the reduction: its output shard, and where it is bf16 also the fp32 copy the optimizer reads.
+    reduced = (4 + (r if r != 4 else 0)) / shard
 
     phases = []
     if last:
@@ -420,18 +429,18 @@ def stage_memory(config: LlamaConfig, layout: Layout, work: Workload, *, stage: 
             **static, grads=grads + head_grad, param_copies=root_copy + block_copy * gathered,
             activations=others + io + prefix[i + 1] + _restored(d, mode=mode, ac_layers=k, offloaded=offloaded[i],
                                                                 **flags),
-            buffers=work_bytes + (4 * p.block if done else 0.0)))
-        # Its post-backward (after resharding it): the compute-dtype gradients copied into the fp32
-        # reduce-scatter input, then freed before the output is allocated.
+            buffers=work_bytes + (r * p.block if done else 0.0)))
+        # Its post-backward (after resharding it): the compute-dtype gradients copied into the reduce-scatter
+        # input (fp32, or bf16), then freed before the output is allocated.
         phases.append(_Phase("backward").add(
-            **static, grads=grads + head_grad + max(d.c, 4 / shard) * p.block,
+            **static, grads=grads + head_grad + max(d.c, reduced) * p.block,
             param_copies=root_copy + block_copy * (i if not layout.reshard_after_forward else min(i, 1)),
             activations=others + io + prefix[i],
-            buffers=4 * p.block))
+            buffers=r * p.block))
     if p.root:  # the root's post-backward, the last one: as a block's, with the root's parameters
         block_grads = grads_all if accumulating else grads_all - 4 * p.root / shard
         phases.append(_Phase("end of backward").add(
-            **static, grads=block_grads + max(d.c, 4 / shard) * p.root, buffers=4 * p.root))
+            **static, grads=block_grads + max(d.c, reduced) * p.root, buffers=r * p.root))
     phases.append(_Phase("optimizer step").add(**static, grads=grads_all))
 
     top = max(phases, key=lambda phase: phase.total)

@@ -38,7 +38,8 @@ def print_plan(request: dict, candidates: list[Candidate], *, best: Candidate | 
         f"llamatron plan: {request['model']}, {request['gpus']} GPUs ({request['nodes']} node"
         f"{'s' if request['nodes'] > 1 else ''}), seq {request['seq_len']}, micro batch {request['micro_batch']}"
         f"{'' if request['global_batch'] is None else ', global batch ' + str(request['global_batch'])}, "
-        f"{request['precision']}, {gib:.1f} GiB per GPU"
+        f"{request['precision']}{', gradients reduced in bf16' if request.get('grad_reduce_in_bf16') else ''}, "
+        f"{gib:.1f} GiB per GPU"
         f"{'' if request['host_mem_gib'] is None else ', ' + format(request['host_mem_gib'], '.0f') + ' GiB host per node'}",
         highlight=False)
     table = Table(show_lines=False, header_style="bold")

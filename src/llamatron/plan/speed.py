@@ -95,10 +95,11 @@ def estimate_step(config: LlamaConfig, layout: Layout, work: Workload, *, gpus_p
     group = layout.dp * layout.cp
     if group > 1:
         p = stage_params(config, layout, stage=0)
-        if layout.distributed_optimizer:  # all-gather in forward and in backward, fp32 reduce-scatter
-            volume = p.total * (2 * c + 4) * (shard - 1) / shard
-        else:  # fp32 all-reduce of the gradients
-            volume = p.total * 8 * (group - 1) / group
+        r = layout.reduce_bytes  # fp32 or bf16 gradient reduction
+        if layout.distributed_optimizer:  # all-gather in forward and in backward, the reduce-scatter
+            volume = p.total * (2 * c + r) * (shard - 1) / shard
+        else:  # the all-reduce of the gradients
+            volume = p.total * 2 * r * (group - 1) / group
         # The group's ranks are tp apart (tp innermost): it leaves the node when tp * group does.
         bandwidth = NVLINK_BYTES_PER_S if layout.tp * group <= gpus_per_node else NETWORK_BYTES_PER_S
         extra += max(0.0, volume / bandwidth - ideal)

@@ -167,6 +167,7 @@ class Trainer:
             # Ring attention's point-to-point exchange cannot be traced: under cp the blocks compile around it.
             apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1)
             apply_fsdp(part, fsdp_mesh(self.mesh), param_dtype=compute_dtype(t.precision),
+                       reduce_dtype=torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32,
                        shard=config.parallel.distributed_optimizer, reshard_after_forward=p.reshard_after_forward)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.optimizer = offload_optimizer(self.optimizer, mode=p.optimizer_offload, device=env.device)
@@ -265,13 +266,20 @@ class Trainer:
         the device: read once the step is queued)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for mb in micro_batches:
-            mb = self._cp_slice({k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}, kind=kind)
+            mb = self._cp_slice(self._on_device(mb), kind=kind)
             numerator, _ = self._forward_loss(mb, kind=kind)
             loss = numerator / global_count
             # FSDP averages gradients over data-parallel (x cp) ranks; undo that to keep the global-batch sum.
             self.scaler.scale(loss * self.grad_ranks).backward()
             loss_sum += loss.detach()
         return loss_sum
+
+    def _on_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A micro-batch on the training device. On CUDA it is copied from pinned memory: a copy from pageable
+        memory may wait for the stream, i.e. for the step queued before, which would idle the GPU after it."""
+        if self.env.device.type != "cuda":
+            return mb
+        return {k: v.pin_memory().to(self.env.device, non_blocking=True) for k, v in mb.items()}
 
     # ---- pipeline parallelism ------------------------------------------------------------------
     def _pipeline_forward_backward(
@@ -283,7 +291,7 @@ class Trainer:
         pipe = self.pipeline
         # Each micro-batch as this rank runs it (its cp slice, with loss weights), then one batch of them
         # all; the schedule cuts it back into the same micro-batches.
-        sliced = [self._cp_slice({k: v.to(self.env.device) for k, v in mb.items()}, kind=kind) for mb in micro_batches]
+        sliced = [self._cp_slice(self._on_device(mb), kind=kind) for mb in micro_batches]
         batch = with_positions({k: torch.cat([mb[k] for mb in sliced]) for k in sliced[0]})
         if self._pipeline_schedule is None:
             self._pipeline_schedule = build_schedule(

@@ -45,3 +45,12 @@ def test_dump_round_trips():
     import yaml
 
     assert from_dict(yaml.safe_load(dump_yaml(config)), source="dump") == config
+
+
+def test_bf16_gradient_reduction_needs_bf16_gradients():
+    refused = load_config("tiny-debug", ["--data.data_path=x", "--parallel.grad_reduce_in_bf16=true"])  # fp32 recipe
+    with pytest.raises(LlamatronError, match="grad_reduce_in_bf16=true needs training.precision bf16 or fp8"):
+        refused.validate()
+    for precision in ("bf16", "fp8"):
+        load_config("tiny-debug", ["--data.data_path=x", "--parallel.grad_reduce_in_bf16=true",
+                                   f"--training.precision={precision}"]).validate()

@@ -169,3 +169,23 @@ def test_each_option_removes_what_it_should():
     # Gradient accumulation keeps earlier micro-batches' gradients during forward.
     accumulating = estimate_memory(config, Layout(dp=8), Workload(seq_len=8192, fused_loss=False))
     assert accumulating.grads == pytest.approx(base.params)
+
+
+def test_gradients_reduced_in_bf16_halve_the_reduce_buffers_and_traffic():
+    from llamatron.plan.speed import NVLINK_BYTES_PER_S, estimate_step
+
+    config = preset("llama3.1-8b")
+    work = Workload(seq_len=8192, microbatches=1)
+    # Full AC: the peak is inside a block's backward, with the previous block's reduce-scatter input in flight.
+    fp32 = estimate_memory(config, Layout(dp=8, activation_checkpoint="full"), work)
+    bf16 = estimate_memory(config, Layout(dp=8, activation_checkpoint="full", grad_reduce_in_bf16=True), work)
+    block = stage_params(config, Layout(dp=8), stage=0).block
+    assert fp32.phase == bf16.phase == "backward"
+    assert fp32.buffers - bf16.buffers == pytest.approx(2 * block)
+    assert (fp32.params, fp32.grads, fp32.activations) == (bf16.params, bf16.grads, bf16.activations)
+    # Traffic: all-gathers (2 x 2 bytes) plus the reduce-scatter (4 or 2 bytes) per parameter and step, exposed
+    # beyond the compute when it outlasts it (one node of 8: NVLink).
+    slow = Workload(seq_len=512, microbatches=1)  # little compute, so the collectives are exposed
+    steps = [estimate_step(config, Layout(dp=8, grad_reduce_in_bf16=flag), slow) for flag in (False, True)]
+    total = stage_params(config, Layout(dp=8), stage=0).total
+    assert steps[0].extra_s - steps[1].extra_s == pytest.approx(2 * total * 7 / 8 / NVLINK_BYTES_PER_S, rel=1e-9)
