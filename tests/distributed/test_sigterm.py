@@ -53,3 +53,48 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:07d}"
     subprocess.run(_cmd(out, tmp_path / "corpus"), env=env, check=True, capture_output=True, timeout=1500)
     assert _losses(out) == _losses(straight)
+
+
+def _worker_pid(out: Path, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` training into `out` (found through /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"".join(environ):
+            return int(entry.name)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # A scheduler may signal the ranks at different moments: the one that got it tells the others through the
+    # step's stop flag, so all save the same checkpoint and exit cleanly; the rerun finishes as a straight run.
+    write_random_corpus(tmp_path / "corpus", seed=6, documents=150)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = ["--nproc-per-node", "2"]
+    straight = tmp_path / "straight"
+    subprocess.run([*_cmd(straight, tmp_path / "corpus"), *two], env=env, check=True, capture_output=True, timeout=1500)
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_cmd(out, tmp_path / "corpus"), *two], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    pid = _worker_pid(out, rank=1)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = len(_losses(out))
+    assert 3 <= stopped_at < 12
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:07d}"
+    subprocess.run([*_cmd(out, tmp_path / "corpus"), *two], env=env, check=True, capture_output=True, timeout=1500)
+    assert _losses(out) == _losses(straight)
