@@ -100,6 +100,11 @@ class TrainingSection:
     compile: bool = False
     """torch.compile each transformer block (parallel/compile.py; after TP and activation checkpointing,
     before FSDP, as torchtitan). The first steps are slower while the blocks compile."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """With compile: inductor's mode. max-autotune-no-cudagraphs benchmarks Triton matmul templates against
+    cuBLAS for every matmul shape and may fuse the element-wise work after a matmul into it (SwiGLU's
+    multiply, the residual adds); compiling takes minutes instead of seconds. Modes with CUDA graphs are not
+    offered: FSDP's hooks run between the compiled blocks."""
 
 
 @dataclass(kw_only=True)
@@ -217,6 +222,8 @@ class JobConfig:
             found.append(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
         if not d.data_path:
             found.append("data.data_path is empty; pass --data.data_path=PATH (or set it in the recipe)")
+        if t.compile_mode != "default" and not t.compile:
+            found.append(f"training.compile_mode={t.compile_mode} applies with training.compile=true; set it or drop the mode")
         if t.fp8_emulate and t.precision != "fp8":
             found.append(f"training.fp8_emulate=true applies to training.precision=fp8, not {t.precision}")
         p = self.parallel

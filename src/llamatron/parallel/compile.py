@@ -21,13 +21,17 @@ import torch
 from llamatron.model.llama import Llama
 
 
-def apply_compile(model: Llama, *, enabled: bool = True, backend: str = "inductor", fullgraph: bool = True) -> None:
+def apply_compile(
+    model: Llama, *, enabled: bool = True, backend: str = "inductor", fullgraph: bool = True, mode: str = "default"
+) -> None:
     """Compile each block's forward in place. backend="aot_eager" traces the same graphs without
     generating kernels (tests on CPUs without a C compiler). fullgraph=False lets the compiler split a
     block around what it cannot trace: context parallelism's ring attention exchanges K/V with
     point-to-point sends, so under cp the norms, projections and MLP compile and the ring runs eagerly
-    (checked on 2 gloo ranks: fullgraph fails there, fullgraph=False runs)."""
+    (checked on 2 gloo ranks: fullgraph fails there, fullgraph=False runs). mode: inductor's
+    (training.compile_mode); "default" passes none."""
     if not enabled:
         return
+    options = {} if mode == "default" else {"mode": mode}
     for block in model.layers.values():
-        block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
+        block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph, **options)

@@ -165,7 +165,7 @@ class Trainer:
             apply_cp(part, self.cp_mesh)
             apply_ac(part, mode=p.activation_checkpoint, layers=p.ac_layers)
             # Ring attention's point-to-point exchange cannot be traced: under cp the blocks compile around it.
-            apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1)
+            apply_compile(part, enabled=t.compile, fullgraph=p.cp == 1, mode=t.compile_mode)
             apply_fsdp(part, fsdp_mesh(self.mesh), param_dtype=compute_dtype(t.precision),
                        reduce_dtype=torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32,
                        shard=config.parallel.distributed_optimizer, reshard_after_forward=p.reshard_after_forward)

@@ -76,3 +76,26 @@ def test_a_new_sequence_length_recompiles_with_dynamic_shapes():
         tokens = torch.randint(0, config.vocab_size, (2, seq), generator=generator)
         with torch.no_grad():
             torch.testing.assert_close(compiled(tokens), eager(tokens), rtol=REL_TOL, atol=1e-6)
+
+
+def test_the_compile_mode_reaches_inductor(monkeypatch):
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    apply_compile(build_model(tiny_config(num_layers=2), seed=1), mode="max-autotune-no-cudagraphs")
+    apply_compile(build_model(tiny_config(num_layers=2), seed=1))
+    assert [k.get("mode") for k in seen] == ["max-autotune-no-cudagraphs"] * 2 + [None] * 2
+    assert all(k["backend"] == "inductor" for k in seen)
+
+
+def test_a_compile_mode_without_compile_is_refused():
+    from llamatron.config.load import load_config
+    from llamatron.errors import LlamatronError
+
+    config = load_config("tiny-debug", ["--data.data_path=x", "--training.compile_mode=max-autotune-no-cudagraphs"])
+    with pytest.raises(LlamatronError, match="compile_mode=max-autotune-no-cudagraphs applies with training.compile=true"):
+        config.validate()
