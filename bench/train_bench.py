@@ -6,7 +6,9 @@ The speed matrix on one GPU (each variant a separate training process, one after
         --variants hf,eager,fused,compile,fused+compile --out bench.json
 Variants: hf (bench/hf_train_baseline.py), eager (plain loss, no compile), fused (fused output layer + loss),
 compile (compiled blocks), fused+compile, default (the trainer's defaults). On N GPUs of one node (FSDP over
-all of them): --nproc N.
+all of them): --nproc N. Before and after a change, in one command: --baseline-src DIR (the `src` directory
+of the earlier code, e.g. from `git archive REV src`) runs each llamatron variant first with that code, as
+VARIANT@base, then with the installed one.
 
 Figures: for llamatron the trainer's own per-step records (metrics.jsonl, one per step): tokens/s =
 tokens of the steps after --warmup-steps / their summed step time, as hf_train_baseline.py aggregates
@@ -52,15 +54,36 @@ def write_random_corpus(prefix: Path, *, tokens: int, vocab: int, seed: int = 0)
             remaining -= length
 
 
-def run_trainer(run_dir: Path, overrides: list[str], *, nproc: int, timeout: float) -> tuple[list[dict], float]:
-    """`llamatron train` in a subprocess; its metrics.jsonl records and the wall time."""
+def trainer_runs(variants: list[str], *, baseline_src: Path | None) -> list[tuple[str, str, Path | None]]:
+    """(label, variant, source directory or None for the installed code) of each run, in order: with a
+    baseline each variant's earlier code runs just before it, so drift on the machine hits both alike."""
+    runs = []
+    for variant in variants:
+        if baseline_src is not None and VARIANTS[variant] is not None:
+            runs.append((f"{variant}@base", variant, baseline_src))
+        runs.append((variant, variant, None))
+    return runs
+
+
+def source_env(src: Path | None) -> dict[str, str]:
+    """The environment of a training run: the earlier code's src directory ahead of everything else."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def run_trainer(run_dir: Path, overrides: list[str], *, nproc: int, timeout: float,
+                src: Path | None = None) -> tuple[list[dict], float]:
+    """`llamatron train` in a subprocess (with `src`'s code where given); its metrics.jsonl records and the
+    wall time."""
     if run_dir.exists():  # the trainer would append to its metrics.jsonl and the figures would mix two runs
         raise SystemExit(f"{run_dir} exists from an earlier run; pass a new --workdir")
     cmd = [sys.executable, "-m", "llamatron.cli.main", "train", "--output", str(run_dir), *overrides]
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
+    proc = subprocess.run(cmd, env=source_env(src), timeout=timeout)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"training failed with exit code {proc.returncode}: {' '.join(cmd)}")
@@ -144,6 +167,8 @@ def main() -> int:
     parser.add_argument("--extra", action="append", default=[],
                         help="one more --section.field=value override for every run, written --extra=--a.b=c; repeatable")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="an earlier checkout's src directory: each variant runs with it too (VARIANT@base)")
     parser.add_argument("--out", default="train_bench.json")
     parser.add_argument("--workdir", default=None, help="where the corpus and run directories go (default: a new "
                         "temporary directory); a run's profile (--extra --logging.profile_iterations=A,B) is "
@@ -178,20 +203,21 @@ def main() -> int:
         "--logging.log_interval=1", "--optim.lr=1e-4", "--optim.min_lr=1e-5",
     ]
     rows = []
-    for variant in variants:
-        print(f"== {variant}", flush=True)
+    for label, variant, src in trainer_runs(variants, baseline_src=args.baseline_src):
+        print(f"== {label}", flush=True)
         if VARIANTS[variant] is None:
             rows.append(run_hf(args, work))
             continue
-        records, wall = run_trainer(work / f"run-{variant}", [*common, *VARIANTS[variant], *args.extra],
-                                    nproc=args.nproc, timeout=args.timeout)
+        records, wall = run_trainer(work / f"run-{label}", [*common, *VARIANTS[variant], *args.extra],
+                                    nproc=args.nproc, timeout=args.timeout, src=src)
         # Profiled iterations run slower (the profiler's own overhead): left out of the figures.
         window = _profile_window(args.extra)
         if window is not None:
             records = [r for r in records if not window[0] <= r["iteration"] <= window[1]]
         summary = summarize(records, warmup_steps=args.warmup_steps, tokens_per_step=global_batch * args.seq_len,
                             gpus=args.nproc, flops_per_token=fpt, peak_tflops=peak)
-        rows.append({"variant": variant, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall,
+        rows.append({"variant": label, "overrides": VARIANTS[variant] + args.extra, "wall_s": wall,
+                     "source": str(src) if src is not None else "installed",
                      "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, **summary})
     result = {
         "model": args.model, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gpus": args.nproc,

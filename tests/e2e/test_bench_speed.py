@@ -80,3 +80,14 @@ def test_sft_packing_bench_runs_at_tiny_scale(tmp_path):
     # timed steps a variant, not two: with two, a burst of load from the other test worker once put it at 0.98.
     assert result["packed_over_padded"] > 1.0
     assert "packed / padded" in proc.stdout
+
+
+def test_a_baseline_source_runs_each_variant_before_the_installed_code(tmp_path, monkeypatch):
+    base = tmp_path / "old" / "src"
+    runs = train_bench.trainer_runs(["hf", "fused+compile", "eager"], baseline_src=base)
+    assert runs == [("hf", "hf", None), ("fused+compile@base", "fused+compile", base),
+                    ("fused+compile", "fused+compile", None), ("eager@base", "eager", base), ("eager", "eager", None)]
+    assert train_bench.trainer_runs(["eager"], baseline_src=None) == [("eager", "eager", None)]
+    monkeypatch.setenv("PYTHONPATH", "/site")
+    assert train_bench.source_env(base)["PYTHONPATH"] == f"{base}{os.pathsep}/site"  # the earlier code wins
+    assert train_bench.source_env(None)["PYTHONPATH"] == "/site"
