@@ -4,10 +4,11 @@ Every rank runs `train(config)`. The model is built plain, initial weights loade
 applied by llamatron.parallel, then the loop runs until train_iters, saving every save_interval and
 on SIGTERM.
 
-The host runs a step ahead of the device: it queues a step, then reads the previous step's figures (loss,
-grad norm, skipped or not, stop requested) while the new one runs, so the GPU never waits at a step
+On a GPU the host runs a step ahead of the device: it queues a step, then reads the previous step's figures
+(loss, grad norm, skipped or not, stop requested) while the new one runs, so the GPU never waits at a step
 boundary for logging and the next batch. Where the host acts on the state after a step (a checkpoint,
-evaluation, a profile's end, the last step) it reads that step first and queues nothing else.
+evaluation, a profile's end, the last step) it reads that step first and queues nothing else. On the CPU
+each step is read as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -464,7 +465,8 @@ class Trainer:
             it = step.iteration
             exit_now = bool(config.training.exit_interval) and it % config.training.exit_interval == 0
             save = it % config.checkpoint.save_interval == 0 or (it == info.train_iters and config.checkpoint.save_at_end)
-            if not (stop or exit_now or save or it == info.train_iters or self._evaluates_at(it) or profiler.ends_at(it)):
+            host_acts = stop or exit_now or save or it == info.train_iters or self._evaluates_at(it) or profiler.ends_at(it)
+            if self._runs_ahead() and not host_acts:
                 continue
             # Evaluation, a checkpoint, a profile or the end see the state after this step: nothing else is queued.
             stop = self._finish(step, log=log, profiler=profiler) or stop
@@ -478,6 +480,12 @@ class Trainer:
         self.saver.wait()
         if writer is not None:
             writer.close()
+
+    def _runs_ahead(self) -> bool:
+        """Whether the loop queues the next step before reading this one: on an asynchronous device. On the
+        CPU a step is computed when it is queued, so reading it a step late would only log each step's time
+        against the next one."""
+        return self.env.device.type == "cuda"
 
     def _finish(self, step: QueuedStep, *, log: _LoopLog, profiler: StepProfiler) -> bool:
         """Read a queued step's figures (waiting for it), count a skip, log; returns whether any rank asked to stop."""

@@ -1,4 +1,4 @@
-"""The training loop reads a step's figures after queuing the next one, except where the host acts on the
+"""On a GPU the training loop reads a step's figures after queuing the next one, except where the host acts on the
 state after the step (a checkpoint, evaluation, a profile's end, the last step): there it reads the step
 first and queues nothing else before acting. And each logged record holds its own step's numbers."""
 
@@ -41,6 +41,7 @@ def events(monkeypatch) -> list[tuple[str, int]]:
         seen.append(("evaluated", self.state.iteration))
         return evaluate(self)
 
+    monkeypatch.setattr(trainer_module.Trainer, "_runs_ahead", lambda self: True)  # as on a GPU
     monkeypatch.setattr(trainer_module.Trainer, "train_step", queued)
     monkeypatch.setattr(trainer_module.QueuedStep, "resolve", read)
     monkeypatch.setattr(trainer_module.Trainer, "save", saved)
@@ -81,11 +82,11 @@ def test_steps_are_read_one_behind_except_where_the_host_acts(tmp_path, events):
     assert "valid_loss" in records[EVAL - 1] and "valid_loss" not in records[EVAL - 2]
 
 
-def _run(tmp_path, name: str, corpus, *, device: str, save_interval: int) -> list[dict]:
+def _run(tmp_path, name: str, corpus, *, device: str) -> list[dict]:
     out = tmp_path / name
     code = main([
-        "train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}", "--train-iters", "8",
-        "--save-interval", str(save_interval), "--checkpoint.keep_last=1", "--training.eval_interval=0",
+        "train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}", "--train-iters", "6",
+        "--save-interval", "100", "--checkpoint.save_at_end=false", "--training.eval_interval=0",
         f"--training.device={device}", *(["--training.precision=bf16"] if device == "cuda" else []),
     ])
     assert code == 0
@@ -96,14 +97,23 @@ def _run(tmp_path, name: str, corpus, *, device: str, save_interval: int) -> lis
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ])
-def test_running_a_step_ahead_trains_as_reading_every_step(tmp_path, device):
-    # save_interval=1 makes the loop read every step before queuing the next; the default runs a step ahead
-    # (pinned, non-blocking batch copies on CUDA). The same computation either way: equal on CPU; on CUDA
-    # to 1e-4 relative (the embedding's backward adds with atomics, so two CUDA runs may differ in the last bits).
+def test_running_a_step_ahead_trains_as_reading_every_step(tmp_path, monkeypatch, device):
+    # The same computation whether the loop reads each step before queuing the next or a step later (with
+    # pinned, non-blocking batch copies on CUDA): equal on CPU; on CUDA to 1e-4 relative (attention's and the
+    # embedding's backward add with atomics, so two CUDA runs may differ in the last bits).
     write_random_corpus(tmp_path / "corpus", seed=4, documents=120)
-    ahead = _run(tmp_path, "ahead", tmp_path / "corpus", device=device, save_interval=100)
-    in_step = _run(tmp_path, "in_step", tmp_path / "corpus", device=device, save_interval=1)
+    runs = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(trainer_module.Trainer, "_runs_ahead", lambda self, ahead=ahead: ahead)
+        runs[ahead] = _run(tmp_path, f"ahead-{ahead}", tmp_path / "corpus", device=device)
     tolerance = 0 if device == "cpu" else 1e-4
-    for a, b in zip(ahead, in_step, strict=True):
+    for a, b in zip(runs[True], runs[False], strict=True):
         assert a["iteration"] == b["iteration"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], rel=tolerance) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=tolerance)
+
+
+def test_on_the_cpu_each_step_is_read_before_the_next_is_queued():
+    class CPU:
+        env = type("Env", (), {"device": torch.device("cpu")})()
+
+    assert not trainer_module.Trainer._runs_ahead(CPU())
