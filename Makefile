@@ -24,11 +24,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/llamatron quickstart
 
+# Huge pages for PyTorch's large CPU tensors in the test processes too (see src/llamatron/cli/main.py).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist worksteal -q --durations=30
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest -n 2 --dist worksteal -q --durations=30
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
