@@ -12,7 +12,7 @@ import torch
 from llamatron.cli.main import main
 from llamatron.train import trainer as trainer_module
 from llamatron.train.optim import LRSchedule
-from tests.conftest import write_random_corpus
+from tests.conftest import SMALL_VOCAB_EOD, SMALL_VOCAB_MODEL, write_random_corpus
 
 ITERS, SAVE, EVAL, GLOBAL_BATCH = 9, 4, 6, 4
 
@@ -50,10 +50,11 @@ def events(monkeypatch) -> list[tuple[str, int]]:
 
 
 def test_steps_are_read_one_behind_except_where_the_host_acts(tmp_path, events):
-    write_random_corpus(tmp_path / "corpus", seed=3, documents=120)
+    write_random_corpus(tmp_path / "corpus", seed=3, documents=120, vocab=2000, eod=SMALL_VOCAB_EOD)
     out = tmp_path / "run"
     code = main([
         "train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={tmp_path / 'corpus'}",
+        f"--model.name={SMALL_VOCAB_MODEL}",
         "--train-iters", str(ITERS), "--save-interval", str(SAVE), f"--training.eval_interval={EVAL}",
         f"--training.global_batch_size={GLOBAL_BATCH}", "--training.micro_batch_size=2",
         "--optim.lr=1e-3", "--optim.min_lr=1e-4", "--training.warmup_iters=2", "--logging.profile_iterations=2,3",
@@ -86,6 +87,7 @@ def _run(tmp_path, name: str, corpus, *, device: str) -> list[dict]:
     out = tmp_path / name
     code = main([
         "train", "--config", "tiny-debug", "--output", str(out), f"--data.data_path={corpus}", "--train-iters", "6",
+        f"--model.name={SMALL_VOCAB_MODEL}",
         "--save-interval", "100", "--checkpoint.save_at_end=false", "--training.eval_interval=0",
         f"--training.device={device}", *(["--training.precision=bf16"] if device == "cuda" else []),
     ])
@@ -101,7 +103,7 @@ def test_running_a_step_ahead_trains_as_reading_every_step(tmp_path, monkeypatch
     # The same computation whether the loop reads each step before queuing the next or a step later (with
     # pinned, non-blocking batch copies on CUDA): equal on CPU; on CUDA to 1e-4 relative (attention's and the
     # embedding's backward add with atomics, so two CUDA runs may differ in the last bits).
-    write_random_corpus(tmp_path / "corpus", seed=4, documents=120)
+    write_random_corpus(tmp_path / "corpus", seed=4, documents=120, vocab=2000, eod=SMALL_VOCAB_EOD)
     runs = {}
     for ahead in (True, False):
         monkeypatch.setattr(trainer_module.Trainer, "_runs_ahead", lambda self, ahead=ahead: ahead)
