@@ -29,6 +29,16 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _wait_for_steps(out: Path, steps: int, timeout: float = 1200) -> None:
+    """Until the run in `out` has logged `steps` steps (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+
+
 def test_sigterm_saves_and_resume_matches(tmp_path):
     write_random_corpus(tmp_path / "corpus", seed=5, documents=150)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,12 +48,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cmd(out, tmp_path / "corpus"), env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 1200
-    while time.monotonic() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    _wait_for_steps(out, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=1500)
     assert proc.returncode == 0, err[-3000:]
@@ -80,12 +85,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     small = (f"--model.name={SMALL_VOCAB_MODEL}", "--nproc-per-node", "2")
     proc = subprocess.Popen(_cmd(out, tmp_path / "corpus", *small, iters=200), env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 1200
-    while time.monotonic() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    _wait_for_steps(out, 3)
     pid = _worker_pid(out, rank=1)
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
