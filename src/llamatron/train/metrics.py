@@ -37,24 +37,34 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 @dataclass(kw_only=True)
 class Throughput:
-    """Rates over the window since the last report."""
+    """Rates over the window since the last report. Where steps end with a CUDA event, a window is timed on
+    the device, from the event that ended the last report's step to the one that ends this report's: the
+    host runs a step ahead of the GPU, so its clock at a report measures when the host got there (one
+    step late, or at the last step nothing at all), not when the GPU did the work."""
 
     world_size: int
     flops_per_token: float
     peak_tflops: float | None
     _window_start: float = field(default_factory=time.perf_counter)
+    _window_start_event: torch.cuda.Event | None = None
     _window_tokens: int = 0
 
     def add_tokens(self, tokens: int) -> None:
         self._window_tokens += tokens
 
-    def report(self) -> dict[str, Any]:
+    def report(self, *, ended: torch.cuda.Event | None = None) -> dict[str, Any]:
+        """`ended`: the (completed, timing) event recorded after the last step of the window, if any."""
         now = time.perf_counter()
-        elapsed = max(now - self._window_start, 1e-9)
+        if ended is not None and self._window_start_event is not None:
+            elapsed = self._window_start_event.elapsed_time(ended) / 1000
+        else:  # the first window (start-up included, as the host saw it) or a device without events
+            elapsed = now - self._window_start
+        elapsed = max(elapsed, 1e-9)
         tokens_per_s = self._window_tokens / elapsed
         per_gpu = tokens_per_s / self.world_size
         out = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu, "step_time_s": elapsed}
         out["mfu"] = (per_gpu * self.flops_per_token / (self.peak_tflops * 1e12)) if self.peak_tflops else None
+        self._window_start_event = ended
         self._window_start, self._window_tokens = now, 0
         return out
 

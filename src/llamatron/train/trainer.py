@@ -96,9 +96,12 @@ class QueuedStep:
     loss_scale: float | None
     tokens: int
     values: torch.Tensor
+    ended: torch.cuda.Event | None = None  # recorded after the step's last kernel (CUDA), for its timing
 
     def resolve(self) -> StepResult:
         loss, grad_norm, skipped, stop = self.values.tolist()
+        if self.ended is not None:
+            self.ended.synchronize()  # queued after `values`: done at most a few kernels later
         return StepResult(loss=loss, grad_norm=grad_norm, tokens=self.tokens, skipped=bool(skipped),
                           stop_requested=bool(stop))
 
@@ -239,11 +242,15 @@ class Trainer:
         if self.scaler.enabled:  # fp16's next step needs its loss scale on the host: wait for this one
             self.scaler.update(found_inf=bool(nonfinite))
         values = torch.stack([loss_total.double(), grad_norm.double(), nonfinite.double(), self._stop_flag()])
+        ended = None
+        if self.env.device.type == "cuda":
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
         self.state.iteration += 1
         self.state.consumed_samples += self.plan.global_batch_size
         self.state.consumed_tokens += tokens * self.plan.dp_size
         return QueuedStep(iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
-                          consumed_tokens=self.state.consumed_tokens, lr=lr, tokens=tokens, values=values,
+                          consumed_tokens=self.state.consumed_tokens, lr=lr, tokens=tokens, values=values, ended=ended,
                           loss_scale=self.scaler.scale_value if self.scaler.enabled else None)
 
     def _global_count(self, local_count: int) -> torch.Tensor:
@@ -519,7 +526,7 @@ class Trainer:
 
     def _log_record(self, step: QueuedStep, result: StepResult, log: _LoopLog) -> dict:
         it = step.iteration
-        rates = log.throughput.report()
+        rates = log.throughput.report(ended=step.ended)
         elapsed = time.perf_counter() - log.started
         eta = elapsed / max(it - log.start_iteration, 1) * (self.schedule_info.train_iters - it)
         return {
