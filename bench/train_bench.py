@@ -6,9 +6,9 @@ The speed matrix on one GPU (each variant a separate training process, one after
         --variants hf,eager,fused,compile,fused+compile --out bench.json
 Variants: hf (bench/hf_train_baseline.py), eager (plain loss, no compile), fused (fused output layer + loss),
 compile (compiled blocks), fused+compile, default (the trainer's defaults). On N GPUs of one node (FSDP over
-all of them): --nproc N. Before and after a change, in one command: --baseline-src DIR (the `src` directory
-of the earlier code, e.g. from `git archive REV src`) runs each llamatron variant first with that code, as
-VARIANT@base, then with the installed one.
+all of them): --nproc N. Before and after a change, in one command: --baseline-src REV/src (the `src`
+directory of the earlier code, from `git archive REV src | tar -x -C REV`) runs each llamatron variant first
+with that code, as VARIANT@REV, then with the installed one; repeat it to time several revisions.
 
 Figures: for llamatron the trainer's own per-step records (metrics.jsonl, one per step): tokens/s =
 tokens of the steps after --warmup-steps / their summed step time, as hf_train_baseline.py aggregates
@@ -54,13 +54,14 @@ def write_random_corpus(prefix: Path, *, tokens: int, vocab: int, seed: int = 0)
             remaining -= length
 
 
-def trainer_runs(variants: list[str], *, baseline_src: Path | None) -> list[tuple[str, str, Path | None]]:
-    """(label, variant, source directory or None for the installed code) of each run, in order: with a
-    baseline each variant's earlier code runs just before it, so drift on the machine hits both alike."""
+def trainer_runs(variants: list[str], *, baseline_srcs: list[Path]) -> list[tuple[str, str, Path | None]]:
+    """(label, variant, source directory or None for the installed code) of each run, in order: each variant
+    runs first with every earlier revision's code, then with the installed one, so drift on the machine hits
+    them alike. A revision is labelled by the folder that holds its src (old/src -> VARIANT@old)."""
     runs = []
     for variant in variants:
-        if baseline_src is not None and VARIANTS[variant] is not None:
-            runs.append((f"{variant}@base", variant, baseline_src))
+        if VARIANTS[variant] is not None:
+            runs += [(f"{variant}@{src.parent.name or 'base'}", variant, src) for src in baseline_srcs]
         runs.append((variant, variant, None))
     return runs
 
@@ -167,8 +168,9 @@ def main() -> int:
     parser.add_argument("--extra", action="append", default=[],
                         help="one more --section.field=value override for every run, written --extra=--a.b=c; repeatable")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    parser.add_argument("--baseline-src", type=Path, default=None,
-                        help="an earlier checkout's src directory: each variant runs with it too (VARIANT@base)")
+    parser.add_argument("--baseline-src", type=Path, action="append", default=[],
+                        help="an earlier revision's src directory (REV/src from `git archive REV src`): each variant "
+                        "runs with it too, first, labelled VARIANT@REV; repeatable (a bisection in one command)")
     parser.add_argument("--out", default="train_bench.json")
     parser.add_argument("--workdir", default=None, help="where the corpus and run directories go (default: a new "
                         "temporary directory); a run's profile (--extra --logging.profile_iterations=A,B) is "
@@ -203,7 +205,7 @@ def main() -> int:
         "--logging.log_interval=1", "--optim.lr=1e-4", "--optim.min_lr=1e-5",
     ]
     rows = []
-    for label, variant, src in trainer_runs(variants, baseline_src=args.baseline_src):
+    for label, variant, src in trainer_runs(variants, baseline_srcs=args.baseline_src):
         print(f"== {label}", flush=True)
         if VARIANTS[variant] is None:
             rows.append(run_hf(args, work))

@@ -84,11 +84,13 @@ def test_sft_packing_bench_runs_at_tiny_scale(tmp_path):
 
 
 def test_a_baseline_source_runs_each_variant_before_the_installed_code(tmp_path, monkeypatch):
-    base = tmp_path / "old" / "src"
-    runs = train_bench.trainer_runs(["hf", "fused+compile", "eager"], baseline_src=base)
-    assert runs == [("hf", "hf", None), ("fused+compile@base", "fused+compile", base),
-                    ("fused+compile", "fused+compile", None), ("eager@base", "eager", base), ("eager", "eager", None)]
-    assert train_bench.trainer_runs(["eager"], baseline_src=None) == [("eager", "eager", None)]
+    base, other = tmp_path / "087d7f7" / "src", tmp_path / "03bf615" / "src"
+    runs = train_bench.trainer_runs(["hf", "fused+compile", "eager"], baseline_srcs=[base])
+    assert runs == [("hf", "hf", None), ("fused+compile@087d7f7", "fused+compile", base),
+                    ("fused+compile", "fused+compile", None), ("eager@087d7f7", "eager", base), ("eager", "eager", None)]
+    assert train_bench.trainer_runs(["eager"], baseline_srcs=[base, other]) == [
+        ("eager@087d7f7", "eager", base), ("eager@03bf615", "eager", other), ("eager", "eager", None)]
+    assert train_bench.trainer_runs(["eager"], baseline_srcs=[]) == [("eager", "eager", None)]
     monkeypatch.setenv("PYTHONPATH", "/site")
     assert train_bench.source_env(base)["PYTHONPATH"] == f"{base}{os.pathsep}/site"  # the earlier code wins
     assert train_bench.source_env(None)["PYTHONPATH"] == "/site"
