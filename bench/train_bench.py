@@ -98,6 +98,13 @@ def summarize(records: list[dict], *, warmup_steps: int, tokens_per_step: int, g
     steady = records[warmup_steps:]
     if not steady:
         raise ValueError(f"{len(records)} steps logged, none after {warmup_steps} warm-up steps; raise --steps")
+    # Revisions 03bf615..6365fc9 (run through --baseline-src) timed a CUDA step by the host's clock a step
+    # late: each record holds the next step's time and the last ~0 s. Dropping that last record leaves the
+    # steady steps' own times (shifted by one, which the mean does not see).
+    times = sorted(r["step_time_s"] for r in steady)
+    late_log = len(steady) > 2 and steady[-1]["step_time_s"] < 0.3 * times[len(times) // 2]
+    if late_log:
+        steady = steady[:-1]
     mean_step = sum(r["step_time_s"] for r in steady) / len(steady)
     per_gpu = tokens_per_step / mean_step / gpus
     logged_mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
@@ -110,6 +117,7 @@ def summarize(records: list[dict], *, warmup_steps: int, tokens_per_step: int, g
         "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in records),
         "first_step_s": records[0]["step_time_s"],
         "losses": [r["loss"] for r in records],
+        "last_step_dropped": late_log,
     }
 
 

@@ -62,6 +62,16 @@ def test_summaries_aggregate_as_the_hf_baseline():
     text = train_bench.table(rows, baseline="hf")
     assert "| hf | 4 x 4 | 100 | 30.0% | 1.0 | 1.00x | - | 9 |" in text, text
     assert "| fused | 16 x 1 | 667 | 66.7% | 2.0 | 6.67x | 5.0 | 20 |" in text, text
+    assert not out["last_step_dropped"]
+
+
+def test_a_last_step_logged_at_almost_nothing_is_left_out():
+    # What revisions that timed a CUDA step a step late logged: each step's time one record early, the last ~0.
+    late = [{"step_time_s": t, "tokens_per_s_per_gpu": 1000 / t, "mfu": None, "peak_memory_gib": 1.0, "loss": 1.0}
+            for t in (9.0, 1.0, 1.0, 1.0, 0.001)]
+    out = train_bench.summarize(late, warmup_steps=1, tokens_per_step=1000, gpus=1, flops_per_token=1.0,
+                                peak_tflops=None)
+    assert out["last_step_dropped"] and out["tokens_per_s_per_gpu"] == pytest.approx(1000.0)
 
 
 @pytest.mark.slow
