@@ -115,6 +115,7 @@ def summarize(records: list[dict], *, warmup_steps: int, tokens_per_step: int, g
         "logged_tokens_per_s_per_gpu": float(np.mean([r["tokens_per_s_per_gpu"] for r in steady])),
         "logged_mfu": float(np.mean(logged_mfu)) if logged_mfu else None,
         "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in records),
+        "alloc_retries": max((r.get("alloc_retries") or 0) for r in records),
         "first_step_s": records[0]["step_time_s"],
         "losses": [r["loss"] for r in records],
         "last_step_dropped": late_log,

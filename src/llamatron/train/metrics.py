@@ -75,6 +75,15 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def allocator_retries(device: torch.device) -> int | None:
+    """How many times, so far, the CUDA caching allocator found no cached block, freed its whole cache and
+    tried again: each time a device-wide synchronisation (cudaFree) that idles the GPU while the host catches
+    up, a slowdown no peak figure shows. torchtitan and Megatron watch the same counter."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged iteration) and, when enabled, TensorBoard."""
 

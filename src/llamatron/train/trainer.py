@@ -57,6 +57,7 @@ from llamatron.train.loss import count_units, loss_parts
 from llamatron.train.metrics import (
     MetricsWriter,
     Throughput,
+    allocator_retries,
     device_peak_tflops,
     flops_per_token,
     peak_memory_gib,
@@ -532,7 +533,8 @@ class Trainer:
         return {
             "iteration": it, "loss": result.loss, "lr": step.lr, "grad_norm": result.grad_norm,
             "consumed_samples": step.consumed_samples, "consumed_tokens": step.consumed_tokens, **rates,
-            "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_steps": self.state.skipped_steps,
+            "peak_memory_gib": peak_memory_gib(self.env.device), "alloc_retries": allocator_retries(self.env.device),
+            "skipped_steps": self.state.skipped_steps,
             "loss_scale": step.loss_scale, "eta_s": eta,
         }
 

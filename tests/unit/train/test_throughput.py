@@ -4,8 +4,9 @@ ahead on CUDA, so its clock at a report says when the host got there, not when t
 import time
 
 import pytest
+import torch
 
-from llamatron.train.metrics import Throughput
+from llamatron.train.metrics import Throughput, allocator_retries
 
 
 class FakeEvent:
@@ -41,3 +42,9 @@ def test_without_events_windows_are_timed_by_the_host_clock():
     rates.add_tokens(10)
     out = rates.report()
     assert 0.04 < out["step_time_s"] < 1.0 and out["mfu"] is None
+
+
+def test_allocator_retries_are_read_from_the_cuda_allocator_and_absent_on_the_cpu(monkeypatch):
+    assert allocator_retries(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: {"num_alloc_retries": 3, "num_ooms": 0})
+    assert allocator_retries(torch.device("cuda", 0)) == 3
