@@ -101,6 +101,12 @@ TRAINER_CASES = [
                   command=f"{_SPEED} --micro-batch {mb} --variants fused+compile "
                           "--extra=--parallel.reshard_after_forward=false")
       for mb, gib in ((16, 94.3), (24, 132.4))],
+    # 2026-12-05, session 7 ("round 4 measured"): micro batch 10, the largest that fits an H100's 80 GB.
+    TrainerCase(name="1b-fusable-chunk-mb10-h100", model="llama3.2-1b", seq_len=4096, micro_batch=10,
+                layout=Layout(dp=1, reshard_after_forward=False), measured_gib=65.9, card="H100, 2026-12-05",
+                fused_loss=True, compile=True,
+                command="bench/train_bench.py --model llama3.2-1b --seq-len 4096 --steps 12 --warmup-steps 4 "
+                        "--micro-batch 10 --variants fused+compile --extra=--parallel.reshard_after_forward=false"),
 ]
 
 
