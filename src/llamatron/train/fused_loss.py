@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from llamatron.train.loss import IGNORE_INDEX, token_weights
+from llamatron.train.loss import IGNORE_INDEX, LabelSelection, token_weights
 
 # Chunk logits of ~2**28 elements (1 GiB in fp32): large enough that the (C, hidden) x (hidden, vocab)
 # matmuls run at full speed, small enough to be a minor part of a GPU's memory.
@@ -48,6 +48,7 @@ def fused_loss_parts(
     kind: str = "sequence",
     document_ids: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
+    selection: LabelSelection | None = None,
     chunk_size: int | None = None,
     compile_backend: str | None = None,
 ) -> tuple[torch.Tensor, int | float]:
@@ -55,20 +56,30 @@ def fused_loss_parts(
     hidden: (batch, seq, hidden) after the final norm; weight: (vocab, hidden); labels: (batch, seq)
     pre-shifted, -100 masked. loss_weights: (batch, seq) per-token weights taken before the rows were cut
     (context parallelism's slices); then the numerator is sum(weight * token loss) and the denominator
-    sum(weight), as cp_batch.slice_loss_parts. compile_backend: torch.compile the per-chunk loss and
+    sum(weight), as cp_batch.slice_loss_parts. selection: the labelled positions and weights worked out
+    on the host (loss.label_selection, on hidden's device), used instead of kind and document_ids: the rows
+    are then gathered by index and the host never waits for the device here. compile_backend: torch.compile the per-chunk loss and
     gradient (inductor fuses its passes over the chunk's logits into about two); None runs it eagerly.
     Returns (numerator, denominator) as loss_parts does, the numerator a 0-dim fp32 tensor whose backward
     may run once."""
-    if loss_weights is None:
-        mask, weights, count = token_weights(labels, kind=kind, document_ids=document_ids)
+    if selection is not None:
+        if loss_weights is not None:
+            raise ValueError("fused_loss_parts takes loss_weights or a selection, not both")
+        # (n_labelled, hidden); backward adds the gradient back into place
+        selected = hidden.flatten(0, 1).index_select(0, selection.index)
+        targets = labels.flatten().index_select(0, selection.index)
+        weights, count = selection.weights, selection.count
     else:
-        mask = labels != IGNORE_INDEX
-        weights = loss_weights[mask].float()
-        count = float(weights.sum())
-    selected = hidden[mask]  # (n_labelled, hidden); backward scatters the gradient into place
+        if loss_weights is None:
+            mask, weights, count = token_weights(labels, kind=kind, document_ids=document_ids)
+        else:
+            mask = labels != IGNORE_INDEX
+            weights = loss_weights[mask].float()
+            count = float(weights.sum())
+        selected = hidden[mask]  # (n_labelled, hidden); backward scatters the gradient into place
+        targets = labels[mask]
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     chunk_fn = _compiled_chunk_fn(compile_backend) if compile_backend else _chunk_loss_and_grad
-    targets = labels[mask]
     if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
         numerator = _FusedLinearCrossEntropy.apply(selected, weight, targets, weights, chunk, chunk_fn)
     else:  # evaluation: the loss alone, still without full logits

@@ -21,6 +21,8 @@ materialising the logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,28 @@ def token_weights(
     ids = sequence_ids(labels, document_ids)[mask]  # (n_labelled,)
     unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
     return mask, 1.0 / counts[inverse].to(torch.float32), int(unique.numel())
+
+
+@dataclass(frozen=True)
+class LabelSelection:
+    """A micro-batch's labelled positions and their loss weights (token_weights), worked out from the labels
+    on the host before the batch goes to the device. Selecting them on the device (a boolean mask, unique)
+    makes the host wait for the GPU in every forward; with the selection copied over, a training step
+    queues without waiting (fused_loss.py takes it).
+    index: (n_labelled,) int64 into the flattened (batch * seq) positions, ascending; weights: (n_labelled,)
+    fp32 in the same order; count: the micro-batch's denominator (count_units)."""
+
+    index: torch.Tensor
+    weights: torch.Tensor
+    count: int
+
+
+def label_selection(
+    labels: torch.Tensor, *, kind: str = "sequence", document_ids: torch.Tensor | None = None
+) -> LabelSelection:
+    """The LabelSelection of (batch, seq) pre-shifted labels (on the host: no device waits)."""
+    mask, weights, count = token_weights(labels, kind=kind, document_ids=document_ids)
+    return LabelSelection(index=mask.flatten().nonzero().squeeze(1), weights=weights, count=count)
 
 
 def loss_parts(

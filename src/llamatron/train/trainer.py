@@ -53,7 +53,7 @@ from llamatron.train.cp_batch import cp_slice, slice_loss_parts
 from llamatron.train.data import TrainData, build_train_data
 from llamatron.train.distributed import DistEnv, init_distributed
 from llamatron.train.fused_loss import fused_loss_parts, use_fused_loss
-from llamatron.train.loss import count_units, loss_parts
+from llamatron.train.loss import LabelSelection, count_units, label_selection, loss_parts
 from llamatron.train.metrics import (
     MetricsWriter,
     Throughput,
@@ -275,8 +275,9 @@ class Trainer:
         the device: read once the step is queued)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for mb in micro_batches:
+            selection = self._label_selection(mb, kind=kind)
             mb = self._cp_slice(self._on_device(mb), kind=kind)
-            numerator, _ = self._forward_loss(mb, kind=kind)
+            numerator, _ = self._forward_loss(mb, kind=kind, selection=selection)
             loss = numerator / global_count
             # FSDP averages gradients over data-parallel (x cp) ranks; undo that to keep the global-batch sum.
             self.scaler.scale(loss * self.grad_ranks).backward()
@@ -286,9 +287,24 @@ class Trainer:
     def _on_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A micro-batch on the training device. On CUDA it is copied from pinned memory: a copy from pageable
         memory may wait for the stream, i.e. for the step queued before, which would idle the GPU after it."""
+        return {k: self._tensor_on_device(v) for k, v in mb.items()}
+
+    def _tensor_on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.env.device.type != "cuda":
-            return mb
-        return {k: v.pin_memory().to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            return tensor
+        return tensor.pin_memory().to(self.env.device, non_blocking=True)
+
+    def _label_selection(self, mb: dict[str, torch.Tensor], *, kind: str) -> LabelSelection | None:
+        """Where the fused loss runs on whole sequences (no cp slicing), the micro-batch's labelled positions
+        and weights, worked out from its host copy and sent with it: selecting them on the device would make
+        the host wait for the GPU in every forward, and then the loop could not stay a step ahead."""
+        t = self.config.training
+        if self.cp_mesh.size() > 1 or not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp,
+                                                          precision=t.precision):
+            return None
+        host = label_selection(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
+        return LabelSelection(index=self._tensor_on_device(host.index), weights=self._tensor_on_device(host.weights),
+                              count=host.count)
 
     # ---- pipeline parallelism ------------------------------------------------------------------
     def _pipeline_forward_backward(
@@ -354,15 +370,19 @@ class Trainer:
             return mb
         return cp_slice(mb, kind=kind, cp_rank=self.cp_mesh.get_local_rank(), cp_size=self.cp_mesh.size())
 
-    def _forward_loss(self, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
+    def _forward_loss(
+        self, mb: dict[str, torch.Tensor], *, kind: str, selection: LabelSelection | None = None
+    ) -> tuple[torch.Tensor, float]:
         """Forward and (numerator, count) of a micro-batch: the output layer fused with the loss where it
-        applies (train/fused_loss.py: no full logits), else the loss of the logits."""
+        applies (train/fused_loss.py: no full logits; `selection` from _label_selection), else the loss of
+        the logits."""
         kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
         t = self.config.training
         if not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp, precision=t.precision):
             return self._loss_parts(self.model(mb["tokens"], **kwargs), mb, kind=kind)
         output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
-                            loss_weights=mb.get("loss_weights"), compile_backend="inductor" if t.compile else None)
+                            loss_weights=mb.get("loss_weights"), selection=selection,
+                            compile_backend="inductor" if t.compile else None)
         return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
 
     def _loss_parts(self, logits: torch.Tensor, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:

@@ -21,7 +21,7 @@ import torch
 
 from llamatron.model import build_model
 from llamatron.train.fused_loss import default_chunk_size, fused_loss_parts
-from llamatron.train.loss import IGNORE_INDEX, loss_parts
+from llamatron.train.loss import IGNORE_INDEX, label_selection, loss_parts
 from tests.conftest import tiny_config
 
 REL_TOL = 1e-6
@@ -67,6 +67,32 @@ def test_loss_and_grads_equal_plain_path(kind, chunk_size, with_documents):
     assert_grad_close(gw_f, gw_p)
     # Masked positions get no gradient.
     assert gh_f[labels == IGNORE_INDEX].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_host_selection_equals_the_mask_on_the_device(kind, with_documents):
+    """The labelled rows gathered by a host-made index (what the trainer sends, so no step waits for the
+    device) give the same loss, count and gradients as the boolean mask, to the last bit: same rows, same
+    order, same weights."""
+    h, w, labels, documents = _batch(3)
+    docs = documents if with_documents else None
+    results = []
+    for selection in (None, label_selection(labels, kind=kind, document_ids=docs)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        num, den = fused_loss_parts(hh, ww, labels, kind=kind, document_ids=docs, selection=selection, chunk_size=7)
+        (num * 0.37).backward()
+        results.append((num.detach(), den, hh.grad, ww.grad))
+    (num_m, den_m, gh_m, gw_m), (num_s, den_s, gh_s, gw_s) = results
+    assert den_s == den_m
+    assert torch.equal(num_s, num_m)
+    assert torch.equal(gh_s, gh_m) and torch.equal(gw_s, gw_m)
+
+
+def test_selection_and_loss_weights_are_exclusive():
+    h, w, labels, _ = _batch(4)
+    with pytest.raises(ValueError, match="not both"):
+        fused_loss_parts(h, w, labels, loss_weights=torch.ones(labels.shape), selection=label_selection(labels))
 
 
 def test_no_grad_gives_the_loss_alone():
