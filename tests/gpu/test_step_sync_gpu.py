@@ -35,7 +35,7 @@ def test_a_queued_step_never_waits_for_the_device(tmp_path, monkeypatch):
         "train", "--config", "tiny-debug", "--output", str(tmp_path / "run"), f"--data.data_path={tmp_path / 'corpus'}",
         f"--model.name={SMALL_VOCAB_MODEL}", "--train-iters", "5", "--save-interval", "100",
         "--checkpoint.save_at_end=false", "--training.eval_interval=0", "--training.device=cuda",
-        "--training.precision=bf16", "--training.fused_loss=true", "--debug",
+        "--training.precision=bf16", "--training.fused_loss=true",
     ])
     assert code == 0
     assert checked == [3, 4, 5]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,17 @@ def init_distributed(device_name: str) -> DistEnv:
             # variables left behind for the processes this one may start later.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def host_threads_for(device: torch.device, *, environ: Mapping[str, str] = os.environ) -> int | None:
+    """The intra-op CPU threads a training process should use, or None to leave torch's choice: one where
+    the model runs on a GPU and the user set no OMP_NUM_THREADS, as torchrun sets for its workers. The host
+    then only collates batches and queues kernels, a few small CPU ops a step; spread over every core's
+    thread, each took 4-24 ms (threads waiting for the scheduler) and the host fell behind the GPU: 55-58k
+    against 61.9k tokens/s on an H100 (docs/BENCHMARKS.md, round 5). On the CPU the threads do the training."""
+    if device.type != "cuda" or "OMP_NUM_THREADS" in environ:
+        return None
+    return 1
 
 
 def all_reduce_sum(

@@ -51,7 +51,7 @@ from llamatron.train import checkpointing as ckpt
 from llamatron.train.batching import BatchPlan, collate
 from llamatron.train.cp_batch import cp_slice, slice_loss_parts
 from llamatron.train.data import TrainData, build_train_data
-from llamatron.train.distributed import DistEnv, init_distributed
+from llamatron.train.distributed import DistEnv, host_threads_for, init_distributed
 from llamatron.train.fused_loss import fused_loss_parts, use_fused_loss
 from llamatron.train.loss import LabelSelection, count_units, label_selection, loss_parts
 from llamatron.train.metrics import (
@@ -609,6 +609,9 @@ def train(config: JobConfig) -> None:
     config.validate()
     check_supported(config)
     env = init_distributed(config.training.device)
+    threads = host_threads_for(env.device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         torch.manual_seed(config.training.seed)
         trainer = Trainer(config, env)
