@@ -58,8 +58,8 @@ def fused_loss_parts(
     (context parallelism's slices); then the numerator is sum(weight * token loss) and the denominator
     sum(weight), as cp_batch.slice_loss_parts. selection: the labelled positions and weights worked out
     on the host (loss.label_selection, on hidden's device), used instead of kind and document_ids: the rows
-    are then gathered by index and the host never waits for the device here. compile_backend: torch.compile the per-chunk loss and
-    gradient (inductor fuses its passes over the chunk's logits into about two); None runs it eagerly.
+    are then gathered by index and the host never waits for the device here. compile_backend:
+    torch.compile the per-chunk loss and gradient (inductor fuses its passes over the chunk's logits into about two); None runs it eagerly.
     Returns (numerator, denominator) as loss_parts does, the numerator a 0-dim fp32 tensor whose backward
     may run once."""
     if selection is not None:

@@ -217,11 +217,15 @@ class Trainer:
         kind = self._loss_kind()
         # The loss is normalised by the global batch's count (tokens or sequences), summed before
         # backward, so gradients are exact whatever the ranks' shares and the accumulation.
-        local_count = sum(count_units(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
-                          for mb in micro_batches)
+        # Where the fused loss runs, each micro-batch's labelled positions are worked out here once, on the
+        # host; their count is the micro-batch's.
+        selections = [self._label_selection(mb, kind=kind) for mb in micro_batches]
+        local_count = sum(sel.count if sel is not None else count_units(mb["labels"], kind=kind,
+                                                                        document_ids=mb.get("document_ids"))
+                          for mb, sel in zip(micro_batches, selections, strict=True))
         global_count = self._global_count(local_count)
         if self.pipeline is None:
-            loss_sum = self._forward_backward(micro_batches, kind=kind, global_count=global_count)
+            loss_sum = self._forward_backward(micro_batches, selections, kind=kind, global_count=global_count)
         else:
             loss_sum = self._pipeline_forward_backward(micro_batches, kind=kind, global_count=global_count)
         tokens = sum(mb["tokens"].numel() for mb in micro_batches)
@@ -270,12 +274,14 @@ class Trainer:
             dist.all_reduce(flag)
         return flag.clamp(max=1.0)
 
-    def _forward_backward(self, micro_batches: list[dict], *, kind: str, global_count: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(
+        self, micro_batches: list[dict], selections: list[LabelSelection | None], *, kind: str,
+        global_count: torch.Tensor,
+    ) -> torch.Tensor:
         """Gradient accumulation over the rank's micro-batches; returns the sum of their losses (0-dim fp64 on
         the device: read once the step is queued)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for mb in micro_batches:
-            selection = self._label_selection(mb, kind=kind)
+        for mb, selection in zip(micro_batches, selections, strict=True):
             mb = self._cp_slice(self._on_device(mb), kind=kind)
             numerator, _ = self._forward_loss(mb, kind=kind, selection=selection)
             loss = numerator / global_count
@@ -298,9 +304,7 @@ class Trainer:
         """Where the fused loss runs on whole sequences (no cp slicing), the micro-batch's labelled positions
         and weights, worked out from its host copy and sent with it: selecting them on the device would make
         the host wait for the GPU in every forward, and then the loop could not stay a step ahead."""
-        t = self.config.training
-        if self.cp_mesh.size() > 1 or not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp,
-                                                          precision=t.precision):
+        if self.pipeline is not None or self.cp_mesh.size() > 1 or not self._fused_loss_applies():
             return None
         host = label_selection(mb["labels"], kind=kind, document_ids=mb.get("document_ids"))
         return LabelSelection(index=self._tensor_on_device(host.index), weights=self._tensor_on_device(host.weights),
@@ -377,13 +381,16 @@ class Trainer:
         applies (train/fused_loss.py: no full logits; `selection` from _label_selection), else the loss of
         the logits."""
         kwargs = {"positions": mb.get("positions"), "document_ids": mb.get("document_ids")}
-        t = self.config.training
-        if not use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp, precision=t.precision):
+        if not self._fused_loss_applies():
             return self._loss_parts(self.model(mb["tokens"], **kwargs), mb, kind=kind)
         output_fn = partial(fused_loss_parts, labels=mb["labels"], kind=kind, document_ids=mb.get("document_ids"),
                             loss_weights=mb.get("loss_weights"), selection=selection,
-                            compile_backend="inductor" if t.compile else None)
+                            compile_backend="inductor" if self.config.training.compile else None)
         return self.model(mb["tokens"], **kwargs, output_fn=output_fn)
+
+    def _fused_loss_applies(self) -> bool:
+        t = self.config.training
+        return use_fused_loss(enabled=t.fused_loss, tp=self.config.parallel.tp, precision=t.precision)
 
     def _loss_parts(self, logits: torch.Tensor, mb: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, float]:
         """(numerator, count) of a micro-batch, or of this cp rank's slice of one."""
